@@ -1,0 +1,245 @@
+//! The tracking allocator: a `lua_Alloc` that forwards every call to the allocator the host
+//! installed and counts what succeeded.
+//!
+//! One [`Tracker`] per Lua state, reached through the allocator's `ud`. Nothing here is global:
+//! several states in several threads each have their own tracker. A Lua state runs on one OS
+//! thread at a time, so the counters are plain `Cell`s: no locks, no atomics.
+
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::ptr;
+use std::rc::Rc;
+
+use crate::scope::Scope;
+
+/// The allocator signature Lua uses (`lua_Alloc`).
+pub type LuaAlloc =
+    unsafe extern "C" fn(ud: *mut c_void, ptr: *mut c_void, osize: usize, nsize: usize) -> *mut c_void;
+
+/// Number of slots in the per-type tables: the type tag Lua 5.2+ passes in `osize` is masked with
+/// `TYPE_SLOTS - 1` (its low 4 bits are the basic type).
+pub const TYPE_SLOTS: usize = 16;
+
+/// Counters of one Lua state's allocations since the tracker was installed.
+///
+/// `live_bytes` always equals the state's own count (`collectgarbage("count") * 1024`): it starts
+/// at the count read when the tracker was installed and moves by exactly the sizes Lua passes to
+/// its allocator.
+pub struct Tracker {
+    /// The allocator that was installed before us; every call is forwarded to it.
+    pub host_alloc: LuaAlloc,
+    /// Its `ud`, passed back unchanged.
+    pub host_ud: *mut c_void,
+    /// The state's byte count when the tracker was installed.
+    pub baseline_bytes: u64,
+    /// Bytes in live blocks (the baseline included).
+    pub live_bytes: Cell<u64>,
+    /// Highest `live_bytes` seen since install or `reset_peak`.
+    pub peak_bytes: Cell<u64>,
+    /// Successful allocations of new blocks.
+    pub allocs: Cell<u64>,
+    /// Blocks freed.
+    pub frees: Cell<u64>,
+    /// Successful reallocations of existing blocks (to a new non-zero size).
+    pub reallocs: Cell<u64>,
+    /// Sum of the sizes of new blocks and of the new sizes of reallocated ones.
+    pub bytes_allocated: Cell<u64>,
+    /// Sum of the sizes of freed blocks and of the old sizes of reallocated ones.
+    pub bytes_freed: Cell<u64>,
+    /// New objects by the type tag of Lua 5.2+ (slot 0: memory that is not an object).
+    pub type_allocs: [Cell<u64>; TYPE_SLOTS],
+    /// Bytes of the new objects counted in `type_allocs`.
+    pub type_bytes: [Cell<u64>; TYPE_SLOTS],
+    /// The scope allocations are attributed to, or null. Invariant: when not null, it is the
+    /// pointer held by `active_owner`, so it stays valid while it is active.
+    active: Cell<*const Scope>,
+    /// Keeps the active scope alive (the Lua objects that own scopes may be collected first).
+    active_owner: Cell<Option<Rc<Scope>>>,
+}
+
+impl Tracker {
+    pub fn new(host_alloc: LuaAlloc, host_ud: *mut c_void, baseline_bytes: u64) -> Tracker {
+        Tracker {
+            host_alloc,
+            host_ud,
+            baseline_bytes,
+            live_bytes: Cell::new(baseline_bytes),
+            peak_bytes: Cell::new(baseline_bytes),
+            allocs: Cell::new(0),
+            frees: Cell::new(0),
+            reallocs: Cell::new(0),
+            bytes_allocated: Cell::new(0),
+            bytes_freed: Cell::new(0),
+            type_allocs: Default::default(),
+            type_bytes: Default::default(),
+            active: Cell::new(ptr::null()),
+            active_owner: Cell::new(None),
+        }
+    }
+
+    /// Blocks allocated minus blocks freed since install (blocks made before install are not
+    /// known, so this can be negative).
+    pub fn net_blocks(&self) -> i64 {
+        self.allocs.get() as i64 - self.frees.get() as i64
+    }
+
+    pub fn reset_peak(&self) {
+        self.peak_bytes.set(self.live_bytes.get());
+    }
+
+    /// The scope allocations are attributed to now.
+    pub fn active_scope(&self) -> Option<Rc<Scope>> {
+        let owner = self.active_owner.take();
+        let active = owner.clone();
+        self.active_owner.set(owner);
+        active
+    }
+
+    /// Makes `scope` the one allocations are attributed to.
+    pub fn set_active_scope(&self, scope: Option<Rc<Scope>>) {
+        self.active.set(scope.as_ref().map_or(ptr::null(), Rc::as_ptr));
+        // Dropping the previous owner may free a scope: Rust heap only, no Lua allocation.
+        drop(self.active_owner.replace(scope));
+    }
+
+    #[inline(always)]
+    fn grow(&self, by: u64) {
+        let live = self.live_bytes.get() + by;
+        self.live_bytes.set(live);
+        if live > self.peak_bytes.get() {
+            self.peak_bytes.set(live);
+        }
+    }
+
+    #[inline(always)]
+    fn on_alloc(&self, nsize: usize, tag: usize) {
+        self.allocs.set(self.allocs.get() + 1);
+        self.bytes_allocated.set(self.bytes_allocated.get() + nsize as u64);
+        if cfg!(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55")) {
+            let slot = tag & (TYPE_SLOTS - 1);
+            self.type_allocs[slot].set(self.type_allocs[slot].get() + 1);
+            self.type_bytes[slot].set(self.type_bytes[slot].get() + nsize as u64);
+        }
+        self.grow(nsize as u64);
+        let scope = self.active.get();
+        if !scope.is_null() {
+            // SAFETY: a non-null `active` is kept alive by `active_owner` (see its invariant).
+            unsafe { Scope::attribute_alloc(scope, nsize as u64) };
+        }
+    }
+
+    #[inline(always)]
+    fn on_free(&self, osize: usize) {
+        self.frees.set(self.frees.get() + 1);
+        self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
+        self.live_bytes.set(self.live_bytes.get() - osize as u64);
+        let scope = self.active.get();
+        if !scope.is_null() {
+            // SAFETY: as in `on_alloc`.
+            unsafe { Scope::attribute_free(scope, osize as u64) };
+        }
+    }
+
+    #[inline(always)]
+    fn on_realloc(&self, osize: usize, nsize: usize) {
+        self.reallocs.set(self.reallocs.get() + 1);
+        self.bytes_allocated.set(self.bytes_allocated.get() + nsize as u64);
+        self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
+        if nsize >= osize {
+            self.grow((nsize - osize) as u64);
+        } else {
+            self.live_bytes.set(self.live_bytes.get() - (osize - nsize) as u64);
+        }
+        let scope = self.active.get();
+        if !scope.is_null() {
+            // SAFETY: as in `on_alloc`.
+            unsafe { Scope::attribute_realloc(scope, osize as u64, nsize as u64) };
+        }
+    }
+}
+
+/// The allocation hook installed on a Lua state.
+///
+/// The `lua_Alloc` contract (Lua's `lmem.c`): `ptr == NULL` asks for a new block of `nsize`
+/// bytes, and `osize` is then a type tag (Lua 5.2+) or 0, never a size; `nsize == 0` frees `ptr`
+/// (a block of `osize` bytes) and must return NULL; otherwise the block of `osize` bytes moves to
+/// `nsize` bytes. A NULL result means failure and leaves the old block untouched, so counters move
+/// only when the host allocator succeeded.
+///
+/// # Safety
+/// `ud` must be a `Tracker` installed by [`crate::state::install`] and still alive, and the call
+/// must follow the `lua_Alloc` contract above (Lua itself guarantees this).
+pub unsafe extern "C" fn tracking_alloc(
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: the caller guarantees `ud` is a live Tracker.
+    let tracker = unsafe { &*(ud as *const Tracker) };
+    // SAFETY: forwarding the same call to the allocator the host installed.
+    let result = unsafe { (tracker.host_alloc)(tracker.host_ud, block, osize, nsize) };
+    if nsize == 0 {
+        if !block.is_null() {
+            tracker.on_free(osize);
+        }
+    } else if !result.is_null() {
+        if block.is_null() {
+            tracker.on_alloc(nsize, osize);
+        } else {
+            tracker.on_realloc(osize, nsize);
+        }
+    }
+    result
+}
+
+/// Whether `f` is this library's hook (so that its `ud` is a `Tracker`).
+pub fn is_tracking_alloc(f: LuaAlloc) -> bool {
+    std::ptr::fn_addr_eq(f, tracking_alloc as LuaAlloc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    unsafe extern "C" fn libc_alloc(_: *mut c_void, p: *mut c_void, _: usize, n: usize) -> *mut c_void {
+        // SAFETY: plain libc realloc/free contract.
+        unsafe {
+            if n == 0 {
+                libc_free(p);
+                ptr::null_mut()
+            } else {
+                libc_realloc(p, n)
+            }
+        }
+    }
+    extern "C" {
+        #[link_name = "realloc"]
+        fn libc_realloc(p: *mut c_void, n: usize) -> *mut c_void;
+        #[link_name = "free"]
+        fn libc_free(p: *mut c_void);
+    }
+
+    #[test]
+    fn counts_follow_the_lua_alloc_contract() {
+        let t = Box::new(Tracker::new(libc_alloc, ptr::null_mut(), 1000));
+        let ud = &*t as *const Tracker as *mut c_void;
+        // SAFETY: `ud` is a live tracker; calls follow the lua_Alloc contract.
+        unsafe {
+            let a = tracking_alloc(ud, ptr::null_mut(), 5, 100);
+            assert_eq!(t.live_bytes.get(), 1100);
+            let a = tracking_alloc(ud, a, 100, 300);
+            assert_eq!(t.live_bytes.get(), 1300);
+            assert_eq!(t.peak_bytes.get(), 1300);
+            let a = tracking_alloc(ud, a, 300, 50);
+            assert_eq!(t.live_bytes.get(), 1050);
+            assert!(tracking_alloc(ud, a, 50, 0).is_null());
+            // A NULL free is a no-op whatever `osize` says (it is a tag there).
+            assert!(tracking_alloc(ud, ptr::null_mut(), 7, 0).is_null());
+        }
+        assert_eq!(t.live_bytes.get(), 1000);
+        assert_eq!(t.peak_bytes.get(), 1300);
+        assert_eq!((t.allocs.get(), t.frees.get(), t.reallocs.get()), (1, 1, 2));
+        assert_eq!(t.bytes_allocated.get() - t.bytes_freed.get(), 0);
+    }
+}

@@ -1,0 +1,339 @@
+-- lunet.mem, the Lua half: argument checks, neutrality checks, scopes and the coroutine
+-- wrappers. Compiled into the library (src/lib.rs) and run once per load with the C functions
+-- of src/lua_api.rs as `core`. Returns the module table.
+local core = ...
+
+local collectgarbage, error, pcall, select, type, tostring, pairs, setmetatable, rawget =
+  collectgarbage, error, pcall, select, type, tostring, pairs, setmetatable, rawget
+local floor, format, concat = math.floor, string.format, table.concat
+local getmetatable = (rawget(_G, "debug") and debug.getmetatable) or getmetatable
+local getinfo = rawget(_G, "debug") and debug.getinfo
+local jit = rawget(_G, "jit")
+local jit_flush = type(jit) == "table" and jit.flush or nil
+
+local live, open, close = core.live, core.scope_open, core.scope_close
+local VERSION = core.version()
+
+local M = {
+  _VERSION = "lunet.mem 0.1.0",
+  lua = VERSION,
+  stats = core.stats,
+  reset_peak = core.reset_peak,
+  current = core.current,
+}
+
+-- Errors -------------------------------------------------------------------------------------
+
+local function typename(v)
+  if type(v) == "userdata" then
+    if core.is_checkpoint(v) then return "checkpoint" end
+    if core.is_scope(v) then return "scope" end
+  end
+  return type(v)
+end
+
+-- Raises "bad argument #n to 'fname' (msg)" at `level` (1 = the caller of argerror).
+local function argerror(n, fname, msg, level)
+  error(format("bad argument #%d to '%s' (%s)", n, fname, msg), level + 1)
+end
+
+local function is_callable(v)
+  if type(v) == "function" then return true end
+  local mt = getmetatable(v)
+  return type(mt) == "table" and rawget(mt, "__call") ~= nil
+end
+
+-- Option kinds: name -> check(value) returning nil when fine, else what was expected.
+local MAX_COUNT = 100000
+local function integer_in(lo, hi)
+  return function(v)
+    if type(v) ~= "number" or v ~= v or v < lo or v > hi or floor(v) ~= v then
+      return format("integer from %d to %d", lo, hi)
+    end
+  end
+end
+local function of_type(t)
+  return function(v)
+    if type(v) ~= t then return t end
+  end
+end
+local KINDS = {
+  tolerance = integer_in(0, 2 ^ 53),
+  warmup = integer_in(0, MAX_COUNT),
+  runs = integer_in(1, MAX_COUNT),
+  name = of_type("string"),
+  on_exit = function(v)
+    if not is_callable(v) then return "function" end
+  end,
+  collect = of_type("boolean"),
+}
+
+-- Checks the options table at argument `n` of `fname`, allowing the keys in `allowed`.
+local function check_opts(opts, n, fname, allowed, level)
+  if opts == nil then return nil end
+  if type(opts) ~= "table" then
+    argerror(n, fname, "table expected, got " .. typename(opts), level + 1)
+  end
+  for k, v in pairs(opts) do
+    if not allowed[k] then
+      argerror(n, fname, format("unknown option '%s'", tostring(k)), level + 1)
+    end
+    local expected = KINDS[k](v)
+    if expected then
+      argerror(n, fname, format("option '%s': %s expected, got %s", k, expected,
+        type(v) == "number" and tostring(v) or typename(v)), level + 1)
+    end
+  end
+  return opts
+end
+
+-- Measuring -------------------------------------------------------------------------------------
+
+-- Collects until live memory stops changing (at least two full cycles, so that objects with
+-- finalizers are finalized and then freed) and returns `live_bytes, net_blocks`. On LuaJIT the
+-- compiled traces are flushed first: their memory belongs to the JIT, not to the code measured.
+local function settle()
+  if jit_flush then jit_flush() end
+  collectgarbage("collect")
+  local bytes, blocks = live()
+  for _ = 1, 32 do
+    collectgarbage("collect")
+    local b, k = live()
+    if b == bytes and k == blocks then break end
+    bytes, blocks = b, k
+  end
+  return bytes, blocks
+end
+M.settle = settle
+
+local function plural(n, word)
+  if n == 1 or n == -1 then return word end
+  return word .. "s"
+end
+
+local function label_of(fn, opts)
+  if opts and opts.name then return opts.name end
+  local info = getinfo and type(fn) == "function" and getinfo(fn, "S")
+  if info and info.what ~= "C" then
+    return format("function <%s:%d>", info.short_src, info.linedefined)
+  end
+  return tostring(fn)
+end
+
+-- Checkpoints -----------------------------------------------------------------------------------
+
+local CP_NEW_OPTS = { name = true, collect = true }
+local CP_OPTS = { tolerance = true, name = true }
+
+function M.checkpoint(arg)
+  local name, collect = nil, true
+  if type(arg) == "string" then
+    name = arg
+  elseif type(arg) == "table" then
+    check_opts(arg, 1, "checkpoint", CP_NEW_OPTS, 2)
+    name, collect = arg.name, arg.collect ~= false
+  elseif arg ~= nil then
+    argerror(1, "checkpoint", "string or table expected, got " .. typename(arg), 2)
+  end
+  if collect then settle() end
+  return core.checkpoint(name)
+end
+
+local function cp_check(cp, opts, fname, level)
+  if not core.is_checkpoint(cp) then
+    argerror(1, fname, "checkpoint expected, got " .. typename(cp), level + 1)
+  end
+  check_opts(opts, 2, fname, CP_OPTS, level + 1)
+  local tolerance = opts and opts.tolerance or 0
+  settle()
+  local bytes, blocks = core.cp_values(cp, fname)
+  if bytes <= tolerance then return true end
+  local name = opts and opts.name or core.cp_name(cp) or "checkpoint"
+  return false, format('leak since "%s": +%d bytes, %+d %s (tolerance %d)',
+    name, bytes, blocks, plural(blocks, "block"), tolerance)
+end
+
+local CP_METHODS = {
+  delta = core.cp_delta,
+  is_neutral = function(cp, opts) return cp_check(cp, opts, "is_neutral", 2) end,
+  assert_neutral = function(cp, opts)
+    local ok, report = cp_check(cp, opts, "assert_neutral", 2)
+    if not ok then error(report, 2) end
+    return true
+  end,
+}
+local cp_mt = core.checkpoint_mt
+cp_mt.__index = function(cp, k)
+  if k == "name" then return core.cp_name(cp) end
+  return CP_METHODS[k]
+end
+cp_mt.__tostring = function(cp)
+  local name = core.cp_name(cp)
+  return name and format('checkpoint "%s"', name) or "checkpoint"
+end
+
+-- Repeat-and-compare ----------------------------------------------------------------------------
+
+local NEUTRAL_OPTS = { tolerance = true, warmup = true, runs = true, name = true }
+local DEFAULT_WARMUP, DEFAULT_RUNS = 2, 5
+
+-- Runs `fn` `warmup` times, then `runs` times with memory settled around each run, and
+-- judges the per-run growth. A leak is growth in every run (as CPython's `regrtest -R`), or,
+-- with 4 runs or more, growth in both halves of the runs with no run shrinking memory: the
+-- shape of amortized growth (a list that gets one element per call grows its array part at
+-- powers of two). One-time growth (caches filled once, JIT traces, string table growth) is
+-- neither.
+local function judge(fn, opts, fname, level)
+  if not is_callable(fn) then
+    argerror(1, fname, "function expected, got " .. typename(fn), level + 1)
+  end
+  check_opts(opts, 2, fname, NEUTRAL_OPTS, level + 1)
+  local warmup = opts and opts.warmup or DEFAULT_WARMUP
+  local runs = opts and opts.runs or DEFAULT_RUNS
+  local tolerance = opts and opts.tolerance or 0
+
+  for _ = 1, warmup do fn() end
+  -- Both arrays are sized before the first measurement, so filling them allocates nothing.
+  local bytes, blocks = {}, {}
+  for i = 1, runs do bytes[i], blocks[i] = 0, 0 end
+  local b0, k0 = settle()
+  for i = 1, runs do
+    fn()
+    local b1, k1 = settle()
+    bytes[i], blocks[i] = b1 - b0, k1 - k0
+    b0, k0 = b1, k1
+  end
+
+  local every, shrank, first, second, total, total_blocks = true, false, 0, 0, 0, 0
+  local half = floor(runs / 2)
+  for i = 1, runs do
+    local d = bytes[i]
+    if d <= tolerance then every = false end
+    if d < -tolerance then shrank = true end
+    if i <= half then first = first + d else second = second + d end
+    total, total_blocks = total + d, total_blocks + blocks[i]
+  end
+  local trend = runs >= 4 and not shrank
+    and first > tolerance * half and second > tolerance * (runs - half)
+  if not (every or trend) then return true end
+
+  local per_run, per_run_blocks = total / runs, total_blocks / runs
+  local function fmt(n)
+    if n == floor(n) then return format("%d", n) end
+    return format("%.1f", n)
+  end
+  local report = format('leak in "%s": %s%s bytes, %s%s %s per run (runs: %s; blocks: %s)%s',
+    label_of(fn, opts),
+    per_run >= 0 and "+" or "", fmt(per_run),
+    per_run_blocks >= 0 and "+" or "", fmt(per_run_blocks), plural(per_run_blocks, "block"),
+    concat(bytes, " "), concat(blocks, " "),
+    every and "" or " [grows over the runs]")
+  return false, report
+end
+
+function M.is_neutral(fn, opts)
+  return judge(fn, opts, "is_neutral", 2)
+end
+
+function M.assert_neutral(fn, opts)
+  local ok, report = judge(fn, opts, "assert_neutral", 2)
+  if not ok then error(report, 2) end
+  return true
+end
+
+-- Scopes ----------------------------------------------------------------------------------------
+
+local SCOPE_OPTS = { name = true, on_exit = true }
+local YIELD_ERROR = "attempt to yield across metamethod/C-call boundary"
+
+-- Default scope names, computed once per function.
+local names = setmetatable({}, { __mode = "k" })
+local function default_name(fn)
+  local name = names[fn]
+  if not name then
+    name = label_of(fn, nil)
+    names[fn] = name
+  end
+  return name
+end
+
+-- Closes the scope, runs `on_exit`, then returns the results of `fn` or raises its error object
+-- unchanged.
+local function finish(token, on_exit, ok, ...)
+  local stats = close(token, on_exit ~= nil)
+  if ok then
+    if on_exit then on_exit(stats) end
+    return ...
+  end
+  if on_exit then pcall(on_exit, stats) end
+  local err = ...
+  if VERSION == "lua51" and err == YIELD_ERROR then
+    err = YIELD_ERROR .. " (Lua 5.1 cannot yield inside mem.scope; use LuaJIT or Lua 5.2+)"
+  end
+  error(err, 0)
+end
+
+function M.scope(a, ...)
+  local ta = type(a)
+  if ta == "function" then
+    return finish(open(default_name(a)), nil, pcall(a, ...))
+  elseif ta == "string" then
+    local fn = ...
+    if not is_callable(fn) then
+      argerror(2, "scope", "function expected, got " .. typename(fn), 2)
+    end
+    return finish(open(a), nil, pcall(fn, select(2, ...)))
+  elseif ta == "table" and not is_callable(a) then
+    check_opts(a, 1, "scope", SCOPE_OPTS, 2)
+    local fn = ...
+    if not is_callable(fn) then
+      argerror(2, "scope", "function expected, got " .. typename(fn), 2)
+    end
+    return finish(open(a.name or default_name(fn)), a.on_exit, pcall(fn, select(2, ...)))
+  elseif is_callable(a) then
+    return finish(open(default_name(a)), nil, pcall(a, ...))
+  end
+  argerror(1, "scope", "function expected, got " .. typename(a), 2)
+end
+
+local SCOPE_METHODS = { stats = core.scope_stats }
+local scope_mt = core.scope_mt
+scope_mt.__index = function(scope, k)
+  if k == "name" then return core.scope_name(scope) end
+  return SCOPE_METHODS[k]
+end
+scope_mt.__tostring = function(scope)
+  return format('scope "%s"', core.scope_name(scope))
+end
+
+-- Coroutines: the active scope follows resume and yield -----------------------------------------
+
+local saved = core.saved
+if not saved.resume then
+  local resume, create, status = coroutine.resume, coroutine.create, coroutine.status
+  local close_co = coroutine.close
+  local enter, leave = core.co_enter, core.co_leave
+  saved.resume, saved.wrap = resume, coroutine.wrap
+
+  coroutine.resume = function(co, ...)
+    return leave(enter(co), resume(co, ...))
+  end
+
+  local function wrap_results(co, ok, ...)
+    if ok then return ... end
+    local err = ...
+    if close_co and status(co) == "dead" then close_co(co) end
+    if type(err) == "string" or type(err) == "number" then error(err, 2) end
+    error(err, 0)
+  end
+
+  coroutine.wrap = function(f)
+    if type(f) ~= "function" then return saved.wrap(f) end
+    local co = create(f)
+    return function(...)
+      return wrap_results(co, leave(enter(co), resume(co, ...)))
+    end
+  end
+end
+
+return M

@@ -1,0 +1,806 @@
+//! The C functions behind the Lua API (`core` in `src/lua/mem.lua`).
+//!
+//! They are raw `lua_CFunction`s rather than mlua callbacks because several of them must not
+//! allocate before they have read the counters (`stats`, `checkpoint`, `live`), and the
+//! coroutine hooks run on every resume. Errors are raised with `lua_error`, which does not unwind
+//! Rust frames: every function below raises only when no value with a destructor is alive.
+
+use std::ffi::{c_int, c_void, CStr};
+use std::mem;
+use std::ptr;
+use std::rc::Rc;
+
+use mlua::ffi::{self, lua_State};
+
+use crate::hook::{Tracker, TYPE_SLOTS};
+use crate::scope::{Scope, ThreadScopes};
+use crate::state;
+
+const CHECKPOINT_MT: &CStr = c"lunet.mem.checkpoint";
+const SCOPE_MT: &CStr = c"lunet.mem.scope";
+const THREAD_SCOPES_MT: &CStr = c"lunet.mem.thread_scopes";
+/// Registry key of the weak-keyed table `thread -> ThreadScopes userdata`.
+const THREADS_KEY: &CStr = c"lunet.mem.threads";
+/// Registry key of the table of functions mem.lua replaced (`coroutine.resume`, ...).
+const SAVED_KEY: &CStr = c"lunet.mem.saved";
+
+/// What a checkpoint remembers.
+pub struct Checkpoint {
+    pub name: Option<String>,
+    pub live_bytes: u64,
+    pub net_blocks: i64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Raises `msg`, prefixed with the position of the calling Lua code (like `luaL_error`).
+///
+/// # Safety
+/// `L` valid; no value with a destructor may be alive in the caller's frames (the error does not
+/// unwind them). `msg` is dropped here, before raising.
+unsafe fn raise(L: *mut lua_State, msg: String) -> ! {
+    // SAFETY: valid state; `msg` is copied into Lua and dropped before `lua_error`.
+    unsafe {
+        ffi::luaL_where(L, 1);
+        ffi::lua_pushlstring(L, msg.as_ptr().cast(), msg.len());
+        drop(msg);
+        ffi::lua_concat(L, 2);
+        ffi::lua_error(L)
+    }
+}
+
+/// The name of the type of the value at `idx`, naming this library's objects.
+///
+/// # Safety
+/// `L` valid, `idx` acceptable.
+unsafe fn type_name(L: *mut lua_State, idx: c_int) -> String {
+    // SAFETY: valid state and index.
+    unsafe {
+        if to_boxed::<Checkpoint>(L, idx, CHECKPOINT_MT).is_some() {
+            return "checkpoint".into();
+        }
+        if to_boxed::<Rc<Scope>>(L, idx, SCOPE_MT).is_some() {
+            return "scope".into();
+        }
+        let name = ffi::lua_typename(L, ffi::lua_type(L, idx));
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// Raises `bad argument #n to 'fname' (expected expected, got <type>)`.
+///
+/// # Safety
+/// As for [`raise`].
+unsafe fn type_error(L: *mut lua_State, n: c_int, fname: &str, expected: &str) -> ! {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let got = type_name(L, n);
+        let msg = format!("bad argument #{n} to '{fname}' ({expected} expected, got {got})");
+        drop(got);
+        raise(L, msg)
+    }
+}
+
+/// The state's tracker, or an error if the hook is gone (removed at close, or wrapped by another
+/// allocator installed later).
+///
+/// # Safety
+/// `L` valid; as for [`raise`].
+unsafe fn check_tracker<'a>(L: *mut lua_State) -> &'a Tracker {
+    // SAFETY: valid state.
+    match unsafe { state::tracker(L) } {
+        Some(t) => t,
+        // SAFETY: nothing with a destructor is alive here.
+        None => unsafe {
+            raise(L, "lunet.mem: the tracking allocator is not installed on this state".into())
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Userdata holding a `Box<T>`
+
+/// Pushes a new userdata with the metatable registered under `mt` and an empty slot.
+///
+/// # Safety
+/// `L` valid with 2 free slots; the metatable must have been made by [`new_metatable`] for `T`.
+unsafe fn push_slot<T>(L: *mut lua_State, mt: &CStr) -> *mut *mut T {
+    // SAFETY: valid state; the slot is initialised before the metatable (and its __gc) is set.
+    unsafe {
+        let slot = ffi::lua_newuserdata(L, mem::size_of::<*mut T>()) as *mut *mut T;
+        slot.write(ptr::null_mut());
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, mt.as_ptr());
+        ffi::lua_setmetatable(L, -2);
+        slot
+    }
+}
+
+/// The `T` in the userdata at `idx` if it carries the metatable `mt` and is not finalized.
+///
+/// # Safety
+/// `L` valid with 2 free slots, `idx` acceptable.
+unsafe fn to_boxed<'a, T>(L: *mut lua_State, idx: c_int, mt: &CStr) -> Option<&'a mut T> {
+    // SAFETY: valid state; a userdata with our metatable holds a `*mut T` slot (see push_slot).
+    unsafe {
+        let slot = ffi::lua_touserdata(L, idx) as *mut *mut T;
+        if slot.is_null() || ffi::lua_getmetatable(L, idx) == 0 {
+            return None;
+        }
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, mt.as_ptr());
+        let same = ffi::lua_rawequal(L, -1, -2) != 0;
+        ffi::lua_pop(L, 2);
+        if same && !(*slot).is_null() {
+            Some(&mut **slot)
+        } else {
+            None
+        }
+    }
+}
+
+/// `__gc` of boxed userdata: drops the box once.
+unsafe extern "C-unwind" fn gc_boxed<T>(L: *mut lua_State) -> c_int {
+    // SAFETY: registered only in metatables of userdata made by `push_slot::<T>`.
+    unsafe {
+        let slot = ffi::lua_touserdata(L, 1) as *mut *mut T;
+        if !slot.is_null() && !(*slot).is_null() {
+            let boxed = Box::from_raw(*slot);
+            *slot = ptr::null_mut();
+            drop(boxed);
+        }
+    }
+    0
+}
+
+/// Creates (or finds, when the module is loaded again) the metatable `name` with a `__gc` that
+/// drops a `Box<T>`, and leaves it on the stack.
+///
+/// # Safety
+/// `L` valid with 3 free slots.
+unsafe fn new_metatable<T>(L: *mut lua_State, name: &CStr) {
+    // SAFETY: valid state.
+    unsafe {
+        if ffi::luaL_newmetatable(L, name.as_ptr()) != 0 {
+            ffi::lua_pushcfunction(L, gc_boxed::<T>);
+            ffi::lua_setfield(L, -2, c"__gc".as_ptr());
+            ffi::lua_pushboolean(L, 0);
+            ffi::lua_setfield(L, -2, c"__metatable".as_ptr());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+/// # Safety
+/// `L` valid with a table at the top and a free slot.
+unsafe fn set_int(L: *mut lua_State, key: &CStr, value: i64) {
+    // SAFETY: valid state, table on top.
+    unsafe {
+        ffi::lua_pushinteger(L, value as ffi::lua_Integer);
+        ffi::lua_setfield(L, -2, key.as_ptr());
+    }
+}
+
+/// # Safety
+/// `L` valid with a free slot.
+unsafe fn push_str(L: *mut lua_State, s: &str) {
+    // SAFETY: valid state; Lua copies the bytes.
+    unsafe { ffi::lua_pushlstring(L, s.as_ptr().cast(), s.len()) };
+}
+
+/// The string at `idx` (any bytes, lossily as UTF-8), or None if it is not a string.
+///
+/// # Safety
+/// `L` valid, `idx` acceptable.
+unsafe fn to_string(L: *mut lua_State, idx: c_int) -> Option<String> {
+    // SAFETY: valid state; only real strings are read (numbers are not converted in place).
+    unsafe {
+        if ffi::lua_type(L, idx) != ffi::LUA_TSTRING {
+            return None;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(L, idx, &mut len);
+        let bytes = std::slice::from_raw_parts(p as *const u8, len);
+        Some(String::from_utf8_lossy(bytes).into_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stats
+
+/// A copy of the tracker's counters, taken before anything is allocated for the result.
+struct Snapshot {
+    live_bytes: u64,
+    peak_bytes: u64,
+    allocs: u64,
+    frees: u64,
+    reallocs: u64,
+    bytes_allocated: u64,
+    bytes_freed: u64,
+    baseline_bytes: u64,
+    type_allocs: [u64; TYPE_SLOTS],
+    type_bytes: [u64; TYPE_SLOTS],
+}
+
+impl Snapshot {
+    fn of(t: &Tracker) -> Snapshot {
+        Snapshot {
+            live_bytes: t.live_bytes.get(),
+            peak_bytes: t.peak_bytes.get(),
+            allocs: t.allocs.get(),
+            frees: t.frees.get(),
+            reallocs: t.reallocs.get(),
+            bytes_allocated: t.bytes_allocated.get(),
+            bytes_freed: t.bytes_freed.get(),
+            baseline_bytes: t.baseline_bytes,
+            type_allocs: t.type_allocs.each_ref().map(|c| c.get()),
+            type_bytes: t.type_bytes.each_ref().map(|c| c.get()),
+        }
+    }
+}
+
+/// Names of the type slots (the low 4 bits of Lua 5.2+'s tag; slot 0 is memory that is not an
+/// object: arrays, buffers, stacks).
+#[cfg(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55"))]
+fn type_slot_name(slot: usize) -> Option<&'static CStr> {
+    let lua54_order = cfg!(any(feature = "lua54", feature = "lua55"));
+    Some(match slot {
+        0 => c"other",
+        4 => c"string",
+        5 => c"table",
+        6 => c"function",
+        7 => c"userdata",
+        8 => c"thread",
+        9 if lua54_order => c"upvalue",
+        9 => c"proto",
+        10 if lua54_order => c"proto",
+        10 => c"upvalue",
+        _ => return None,
+    })
+}
+
+/// `mem.stats()`: a fresh table of the state's counters.
+unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; nothing with a destructor is alive when it may raise.
+    unsafe {
+        let s = Snapshot::of(check_tracker(L));
+        ffi::lua_createtable(L, 0, 12);
+        set_int(L, c"live_bytes", s.live_bytes as i64);
+        set_int(L, c"peak_bytes", s.peak_bytes as i64);
+        set_int(L, c"allocs", s.allocs as i64);
+        set_int(L, c"frees", s.frees as i64);
+        set_int(L, c"reallocs", s.reallocs as i64);
+        set_int(L, c"bytes_allocated", s.bytes_allocated as i64);
+        set_int(L, c"bytes_freed", s.bytes_freed as i64);
+        set_int(L, c"baseline_bytes", s.baseline_bytes as i64);
+        set_int(L, c"net_blocks", s.allocs as i64 - s.frees as i64);
+        #[cfg(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55"))]
+        {
+            ffi::lua_createtable(L, 0, 8);
+            ffi::lua_createtable(L, 0, 8);
+            for slot in 0..TYPE_SLOTS {
+                if let Some(name) = type_slot_name(slot) {
+                    set_int(L, name, s.type_bytes[slot] as i64);
+                    ffi::lua_pushinteger(L, s.type_allocs[slot] as ffi::lua_Integer);
+                    ffi::lua_setfield(L, -3, name.as_ptr());
+                }
+            }
+            ffi::lua_setfield(L, -3, c"bytes_by_type".as_ptr());
+            ffi::lua_setfield(L, -2, c"allocs_by_type".as_ptr());
+        }
+        let _ = s.type_allocs;
+    }
+    1
+}
+
+/// `mem.reset_peak()`.
+unsafe extern "C-unwind" fn l_reset_peak(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe { check_tracker(L).reset_peak() };
+    0
+}
+
+/// `core.live()`: `live_bytes, net_blocks` as two numbers (allocates nothing).
+unsafe extern "C-unwind" fn l_live(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let (bytes, blocks) = (t.live_bytes.get(), t.net_blocks());
+        ffi::lua_pushinteger(L, bytes as ffi::lua_Integer);
+        ffi::lua_pushinteger(L, blocks as ffi::lua_Integer);
+    }
+    2
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+
+/// `core.checkpoint([name])`: a checkpoint of the counters as they are after its own object
+/// has been allocated.
+unsafe extern "C-unwind" fn l_checkpoint(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; the slot is filled before anything can raise.
+    unsafe {
+        check_tracker(L);
+        let slot = push_slot::<Checkpoint>(L, CHECKPOINT_MT);
+        let name = to_string(L, 1);
+        let t = check_tracker(L);
+        let cp = Checkpoint { name, live_bytes: t.live_bytes.get(), net_blocks: t.net_blocks() };
+        *slot = Box::into_raw(Box::new(cp));
+    }
+    1
+}
+
+/// # Safety
+/// Called from a Lua C function; raises a `bad argument` error naming `fname` if arg 1 is not a
+/// checkpoint.
+unsafe fn check_checkpoint<'a>(L: *mut lua_State, fname: &str) -> &'a Checkpoint {
+    // SAFETY: valid state.
+    match unsafe { to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT) } {
+        Some(cp) => cp,
+        // SAFETY: nothing with a destructor is alive here.
+        None => unsafe { type_error(L, 1, fname, "checkpoint") },
+    }
+}
+
+/// `cp:delta()`: `{bytes = n, blocks = n}` since the checkpoint, read before the table is made.
+unsafe extern "C-unwind" fn l_cp_delta(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let cp = check_checkpoint(L, "delta");
+        let t = check_tracker(L);
+        let bytes = t.live_bytes.get() as i64 - cp.live_bytes as i64;
+        let blocks = t.net_blocks() - cp.net_blocks;
+        ffi::lua_createtable(L, 0, 2);
+        set_int(L, c"bytes", bytes);
+        set_int(L, c"blocks", blocks);
+    }
+    1
+}
+
+/// `core.cp_values(cp, fname)`: `bytes, blocks` since the checkpoint as numbers, no table.
+unsafe extern "C-unwind" fn l_cp_values(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua (from mem.lua, which passes the public method's name).
+    unsafe {
+        let fname = to_string(L, 2).unwrap_or_default();
+        let cp = check_checkpoint(L, &fname);
+        drop(fname);
+        let t = check_tracker(L);
+        ffi::lua_pushinteger(L, (t.live_bytes.get() as i64 - cp.live_bytes as i64) as _);
+        ffi::lua_pushinteger(L, (t.net_blocks() - cp.net_blocks) as _);
+    }
+    2
+}
+
+/// `core.cp_name(cp)`: the checkpoint's name or nil.
+unsafe extern "C-unwind" fn l_cp_name(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        match to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).and_then(|cp| cp.name.as_deref()) {
+            Some(name) => push_str(L, name),
+            None => ffi::lua_pushnil(L),
+        }
+    }
+    1
+}
+
+/// `core.is_checkpoint(v)`.
+unsafe extern "C-unwind" fn l_is_checkpoint(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let yes = to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).is_some();
+        ffi::lua_pushboolean(L, yes as c_int);
+    }
+    1
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scopes and coroutines
+
+/// The `ThreadScopes` of the thread at stack index `idx` (the running thread if `idx` is 0),
+/// created if `create` is set.
+///
+/// # Safety
+/// `L` valid with 4 free slots. May raise (memory) only when `create` is set.
+unsafe fn thread_scopes<'a>(L: *mut lua_State, idx: c_int, create: bool) -> Option<&'a mut ThreadScopes> {
+    // SAFETY: valid state; the registry table is made at load (`push_core`).
+    unsafe {
+        let idx = if idx == 0 { 0 } else { ffi::lua_absindex(L, idx) };
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, THREADS_KEY.as_ptr());
+        if idx == 0 {
+            ffi::lua_pushthread(L);
+        } else {
+            ffi::lua_pushvalue(L, idx);
+        }
+        ffi::lua_pushvalue(L, -1);
+        ffi::lua_rawget(L, -3);
+        if let Some(ts) = to_boxed::<ThreadScopes>(L, -1, THREAD_SCOPES_MT) {
+            ffi::lua_pop(L, 3);
+            return Some(ts);
+        }
+        ffi::lua_pop(L, 1);
+        if !create {
+            ffi::lua_pop(L, 2);
+            return None;
+        }
+        let slot = push_slot::<ThreadScopes>(L, THREAD_SCOPES_MT);
+        *slot = Box::into_raw(Box::default());
+        ffi::lua_rawset(L, -3);
+        ffi::lua_pop(L, 1);
+        Some(&mut **slot)
+    }
+}
+
+/// `core.scope_open(name)`: opens a scope in the running thread and makes it active. Returns a
+/// token (light userdata) for `scope_close`.
+unsafe extern "C-unwind" fn l_scope_open(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; the only allocations (thread table, name) happen before the scope
+    // is made active, and nothing with a destructor is alive when they may raise.
+    unsafe {
+        let t = check_tracker(L);
+        let ts = thread_scopes(L, 0, true).expect("created");
+        let name = to_string(L, 1).unwrap_or_else(|| "scope".into());
+        let parent = t.active_scope();
+        if ts.stack.is_empty() {
+            ts.base = parent.clone();
+        }
+        let scope = Rc::new(Scope::new(name, parent));
+        ffi::lua_pushlightuserdata(L, Rc::as_ptr(&scope) as *mut c_void);
+        ts.stack.push(scope.clone());
+        t.set_active_scope(Some(scope));
+    }
+    1
+}
+
+/// Pushes the stats table of `scope`.
+///
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory): the caller must hold no destructors.
+unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
+    let counters = [
+        (c"allocs", scope.allocs.get() as i64),
+        (c"frees", scope.frees.get() as i64),
+        (c"reallocs", scope.reallocs.get() as i64),
+        (c"allocated_bytes", scope.allocated_bytes.get() as i64),
+        (c"freed_bytes", scope.freed_bytes.get() as i64),
+        (c"net_bytes", scope.net_bytes.get()),
+        (c"peak_bytes", scope.peak_bytes.get()),
+    ];
+    // SAFETY: valid state.
+    unsafe {
+        ffi::lua_createtable(L, 0, 9);
+        for (key, value) in counters {
+            set_int(L, key, value);
+        }
+        push_str(L, &scope.name);
+        ffi::lua_setfield(L, -2, c"name".as_ptr());
+        ffi::lua_pushboolean(L, scope.closed.get() as c_int);
+        ffi::lua_setfield(L, -2, c"closed".as_ptr());
+    }
+}
+
+/// `core.scope_close(token, want_stats)`: closes the running thread's innermost scope, which
+/// must be `token`, and returns its stats table if `want_stats` is true.
+unsafe extern "C-unwind" fn l_scope_close(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua (mem.lua pairs every open with a close in the same thread).
+    unsafe {
+        let t = check_tracker(L);
+        let token = ffi::lua_touserdata(L, 1) as *const Scope;
+        let want_stats = ffi::lua_toboolean(L, 2) != 0;
+        let top = match thread_scopes(L, 0, false) {
+            Some(ts) if ts.stack.last().is_some_and(|s| Rc::as_ptr(s) == token) => {
+                let top = ts.stack.pop().expect("checked");
+                top.closed.set(true);
+                t.set_active_scope(ts.effective());
+                top
+            }
+            _ => raise(L, "lunet.mem: scope closed out of order".into()),
+        };
+        if !want_stats {
+            return 0;
+        }
+        // Only a memory error can raise here; it would leak this one scope, never free it early.
+        let scope = Rc::into_raw(top);
+        push_scope_stats(L, &*scope);
+        drop(Rc::from_raw(scope));
+    }
+    1
+}
+
+/// `core.current()`: the active scope as a scope object, or nil.
+unsafe extern "C-unwind" fn l_current(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let slot = push_slot::<Rc<Scope>>(L, SCOPE_MT);
+        match t.active_scope() {
+            Some(scope) => *slot = Box::into_raw(Box::new(scope)),
+            None => {
+                ffi::lua_pop(L, 1);
+                ffi::lua_pushnil(L);
+            }
+        }
+    }
+    1
+}
+
+/// # Safety
+/// Called from a Lua C function; raises a `bad argument` error naming `fname` if arg 1 is not a
+/// scope object.
+unsafe fn check_scope<'a>(L: *mut lua_State, fname: &str) -> &'a Scope {
+    // SAFETY: valid state.
+    match unsafe { to_boxed::<Rc<Scope>>(L, 1, SCOPE_MT) } {
+        Some(scope) => scope,
+        // SAFETY: nothing with a destructor is alive here.
+        None => unsafe { type_error(L, 1, fname, "scope") },
+    }
+}
+
+/// `scope:stats()`.
+unsafe extern "C-unwind" fn l_scope_stats(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; the scope is kept alive by its userdata at index 1.
+    unsafe { push_scope_stats(L, check_scope(L, "stats")) };
+    1
+}
+
+/// `core.scope_name(scope)`.
+unsafe extern "C-unwind" fn l_scope_name(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; the scope is kept alive by its userdata at index 1.
+    unsafe { push_str(L, &check_scope(L, "name").name) };
+    1
+}
+
+/// `core.is_scope(v)`.
+unsafe extern "C-unwind" fn l_is_scope(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let yes = to_boxed::<Rc<Scope>>(L, 1, SCOPE_MT).is_some();
+        ffi::lua_pushboolean(L, yes as c_int);
+    }
+    1
+}
+
+/// Whether `co` can be resumed by `L` now (suspended: yielded, or not started).
+///
+/// # Safety
+/// Both states valid and of the same Lua state.
+unsafe fn is_resumable(L: *mut lua_State, co: *mut lua_State) -> bool {
+    if co == L {
+        return false;
+    }
+    // SAFETY: valid threads.
+    unsafe {
+        match ffi::lua_status(co) {
+            ffi::LUA_YIELD => true,
+            ffi::LUA_OK => {
+                let mut ar: ffi::lua_Debug = mem::zeroed();
+                ffi::lua_getstack(co, 0, &mut ar) == 0 && ffi::lua_gettop(co) > 0
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Makes `co`'s scopes active for a resume of `co` by the running thread.
+///
+/// Returns whether `leave` must run after the resume. The scope active now becomes `co`'s
+/// `base`: what `co` inherits while it has no scope of its own, and what is active again once
+/// `co` yields or ends.
+///
+/// # Safety
+/// `L` valid with 4 free slots, the thread at stack index `idx`.
+pub unsafe fn enter(L: *mut lua_State, t: &Tracker, idx: c_int) -> bool {
+    // SAFETY: valid state; `thread_scopes` without `create` does not raise.
+    unsafe {
+        let co = ffi::lua_tothread(L, idx);
+        if co.is_null() || !is_resumable(L, co) {
+            return false;
+        }
+        if let Some(ts) = thread_scopes(L, idx, false) {
+            ts.base = t.active_scope();
+            if let Some(top) = ts.stack.last() {
+                t.set_active_scope(Some(top.clone()));
+            }
+        }
+        true
+    }
+}
+
+/// Restores the resumer's scope after a resume of the thread at `idx` returned.
+///
+/// # Safety
+/// `L` valid with 4 free slots, the thread at stack index `idx`.
+pub unsafe fn leave(L: *mut lua_State, t: &Tracker, idx: c_int) {
+    // SAFETY: valid state; `thread_scopes` without `create` does not raise.
+    unsafe {
+        if let Some(ts) = thread_scopes(L, idx, false) {
+            t.set_active_scope(ts.base.clone());
+        }
+    }
+}
+
+/// `core.co_enter(co)`: returns `co` if `co_leave` must follow the resume, else false.
+unsafe extern "C-unwind" fn l_co_enter(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        if enter(L, t, 1) {
+            ffi::lua_settop(L, 1);
+        } else {
+            ffi::lua_pushboolean(L, 0);
+        }
+    }
+    1
+}
+
+/// `core.co_leave(co or false, ...)`: restores the resumer's scope and returns `...`.
+unsafe extern "C-unwind" fn l_co_leave(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let n = ffi::lua_gettop(L);
+        if ffi::lua_type(L, 1) == ffi::LUA_TTHREAD {
+            if let Some(t) = state::tracker(L) {
+                ffi::luaL_checkstack(L, 4, ptr::null());
+                leave(L, t, 1);
+            }
+        }
+        n - 1
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registration
+
+/// Pushes the `core` table used by `src/lua/mem.lua`.
+///
+/// # Safety
+/// `L` valid with 8 free slots and the tracker installed. May raise (memory).
+pub unsafe fn push_core(L: *mut lua_State) {
+    // SAFETY: valid state.
+    unsafe {
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, THREADS_KEY.as_ptr());
+        if ffi::lua_type(L, -1) != ffi::LUA_TTABLE {
+            ffi::lua_pop(L, 1);
+            ffi::lua_createtable(L, 0, 4);
+            ffi::lua_createtable(L, 0, 1);
+            push_str(L, "k");
+            ffi::lua_setfield(L, -2, c"__mode".as_ptr());
+            ffi::lua_setmetatable(L, -2);
+            ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, THREADS_KEY.as_ptr());
+        } else {
+            ffi::lua_pop(L, 1);
+        }
+        new_metatable::<ThreadScopes>(L, THREAD_SCOPES_MT);
+        ffi::lua_pop(L, 1);
+        // Originals of the functions mem.lua wraps, kept across loads so that nothing is wrapped
+        // twice.
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, SAVED_KEY.as_ptr());
+        if ffi::lua_type(L, -1) != ffi::LUA_TTABLE {
+            ffi::lua_pop(L, 1);
+            ffi::lua_createtable(L, 0, 2);
+            ffi::lua_pushvalue(L, -1);
+            ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, SAVED_KEY.as_ptr());
+        }
+        let saved = ffi::lua_gettop(L);
+
+        ffi::lua_createtable(L, 0, 24);
+        let functions: [(&CStr, ffi::lua_CFunction); 18] = [
+            (c"stats", l_stats),
+            (c"reset_peak", l_reset_peak),
+            (c"live", l_live),
+            (c"checkpoint", l_checkpoint),
+            (c"cp_delta", l_cp_delta),
+            (c"cp_values", l_cp_values),
+            (c"cp_name", l_cp_name),
+            (c"is_checkpoint", l_is_checkpoint),
+            (c"scope_open", l_scope_open),
+            (c"scope_close", l_scope_close),
+            (c"current", l_current),
+            (c"scope_stats", l_scope_stats),
+            (c"scope_name", l_scope_name),
+            (c"is_scope", l_is_scope),
+            (c"co_enter", l_co_enter),
+            (c"co_leave", l_co_leave),
+            (c"gc_count_bytes", l_gc_count_bytes),
+            (c"version", l_version),
+        ];
+        for (name, f) in functions {
+            ffi::lua_pushcfunction(L, f);
+            ffi::lua_setfield(L, -2, name.as_ptr());
+        }
+        ffi::lua_pushvalue(L, saved);
+        ffi::lua_setfield(L, -2, c"saved".as_ptr());
+        ffi::lua_remove(L, saved);
+        new_metatable::<Checkpoint>(L, CHECKPOINT_MT);
+        ffi::lua_setfield(L, -2, c"checkpoint_mt".as_ptr());
+        new_metatable::<Rc<Scope>>(L, SCOPE_MT);
+        ffi::lua_setfield(L, -2, c"scope_mt".as_ptr());
+        // The loading thread (usually the main one) gets its scope table now, so that its first
+        // scope does not allocate one inside somebody's measurement.
+        thread_scopes(L, 0, true);
+    }
+}
+
+/// `core.gc_count_bytes()`: the state's own count, read in the same call (for tests).
+unsafe extern "C-unwind" fn l_gc_count_bytes(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let live = t.live_bytes.get();
+        let counted = state::gc_count_bytes(L);
+        ffi::lua_pushinteger(L, counted as ffi::lua_Integer);
+        ffi::lua_pushinteger(L, live as ffi::lua_Integer);
+    }
+    2
+}
+
+/// `core.version()`: the Lua flavour this library was built for.
+unsafe extern "C-unwind" fn l_version(L: *mut lua_State) -> c_int {
+    let v = if cfg!(feature = "luajit") {
+        "luajit"
+    } else if cfg!(feature = "lua51") {
+        "lua51"
+    } else if cfg!(feature = "lua52") {
+        "lua52"
+    } else if cfg!(feature = "lua53") {
+        "lua53"
+    } else if cfg!(feature = "lua54") {
+        "lua54"
+    } else {
+        "lua55"
+    };
+    // SAFETY: called by Lua.
+    unsafe { push_str(L, v) };
+    1
+}
+
+// ---------------------------------------------------------------------------------------------
+// C entry for runtimes that resume coroutines from C
+
+/// `lua_resume` with Lua 5.4's signature on every version, keeping scope attribution right:
+/// while `co` runs, its own scopes are active (or, if it has none, the resumer's), and when it
+/// yields or ends, the resumer's scope is active again. Without the tracker it is plain
+/// `lua_resume`.
+///
+/// # Safety
+/// As `lua_resume(co, L, nargs, nres)`: `co` a thread of the same state as `L`, with the function
+/// (first resume) or the values for `yield` pushed, and `L` the running thread.
+#[no_mangle]
+pub unsafe extern "C-unwind" fn lunet_mem_resume(
+    L: *mut lua_State,
+    co: *mut lua_State,
+    nargs: c_int,
+    nres: *mut c_int,
+) -> c_int {
+    // SAFETY: the caller's contract; the thread is pushed on `L` to find its scopes and popped.
+    unsafe {
+        let Some(t) = state::tracker(L) else {
+            return ffi::lua_resume(co, L, nargs, nres);
+        };
+        ffi::luaL_checkstack(L, 6, ptr::null());
+        push_thread(L, co);
+        let entered = enter(L, t, -1);
+        ffi::lua_pop(L, 1);
+        let status = ffi::lua_resume(co, L, nargs, nres);
+        if entered {
+            push_thread(L, co);
+            leave(L, t, -1);
+            ffi::lua_pop(L, 1);
+        }
+        status
+    }
+}
+
+/// Pushes the thread `co` onto `L`'s stack.
+///
+/// # Safety
+/// Both threads of the same state; `L` has a free slot.
+unsafe fn push_thread(L: *mut lua_State, co: *mut lua_State) {
+    // SAFETY: pushing a thread onto its own stack and moving it across is always allowed.
+    unsafe {
+        ffi::lua_pushthread(co);
+        if co != L {
+            ffi::lua_xmove(co, L, 1);
+        }
+    }
+}
