@@ -210,6 +210,10 @@ unsafe fn to_string(L: *mut lua_State, idx: c_int) -> Option<String> {
 // Stats
 
 /// A copy of the tracker's counters, taken before anything is allocated for the result.
+#[cfg_attr(
+    not(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55")),
+    allow(dead_code)
+)]
 struct Snapshot {
     live_bytes: u64,
     peak_bytes: u64,
@@ -289,7 +293,6 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
             ffi::lua_setfield(L, -3, c"bytes_by_type".as_ptr());
             ffi::lua_setfield(L, -2, c"allocs_by_type".as_ptr());
         }
-        let _ = s.type_allocs;
     }
     1
 }
@@ -684,7 +687,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         let saved = ffi::lua_gettop(L);
 
         ffi::lua_createtable(L, 0, 24);
-        let functions: [(&CStr, ffi::lua_CFunction); 18] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 20] = [
             (c"stats", l_stats),
             (c"reset_peak", l_reset_peak),
             (c"live", l_live),
@@ -703,6 +706,8 @@ pub unsafe fn push_core(L: *mut lua_State) {
             (c"co_leave", l_co_leave),
             (c"gc_count_bytes", l_gc_count_bytes),
             (c"version", l_version),
+            (c"stretch", l_stretch),
+            (c"measured", l_measured),
         ];
         for (name, f) in functions {
             ffi::lua_pushcfunction(L, f);
@@ -802,5 +807,72 @@ unsafe fn push_thread(L: *mut lua_State, co: *mut lua_State) {
         if co != L {
             ffi::lua_xmove(co, L, 1);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring at a reproducible point
+
+/// `core.stretch()`: grows the running thread's stack so that the collection that follows
+/// shrinks it to a size that depends only on what is in use, not on its history.
+///
+/// Live memory includes the stacks of threads, and Lua 5.4 shrinks a stack only when it is
+/// more than 3 times what is in use (then to 2 times), so two readings at the same depth could
+/// differ by a stack that grew in between. Growing it past that first makes the collection
+/// shrink it to twice the use. Lua 5.3 always shrinks to a size computed from the use; 5.1 and
+/// LuaJIT halve a stack used below 1/4, which no growth can make canonical: nothing is done.
+unsafe extern "C-unwind" fn l_stretch(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; `lua_checkstack` reports failure instead of raising.
+    unsafe {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        {
+            let mut ar: ffi::lua_Debug = mem::zeroed();
+            let mut depth = 0;
+            while depth < 2000 && ffi::lua_getstack(L, depth, &mut ar) != 0 {
+                depth += 1;
+            }
+            // A frame uses at most 255 slots (Lua) or its values + LUA_MINSTACK (C).
+            ffi::lua_checkstack(L, (depth + 2) * 3 * 256);
+        }
+        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+        let _ = L;
+    }
+    0
+}
+
+/// `core.measured(check, settle, finish)`: a C function that calls `check(a, b)`, then
+/// `settle()` if `check` returned true, then returns `finish(a, b)`.
+///
+/// Every function made this way calls `settle` with the same stack layout, whatever Lua
+/// function it stands for, so that readings taken through them (a checkpoint and its check)
+/// see the caller's thread at the same depth and size.
+unsafe extern "C-unwind" fn l_measured(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua with three functions; the closure holds them as upvalues.
+    unsafe {
+        ffi::lua_settop(L, 3);
+        ffi::lua_pushcclosure(L, l_measured_call, 3);
+    }
+    1
+}
+
+unsafe extern "C-unwind" fn l_measured_call(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; errors from the three calls propagate (no destructors alive).
+    unsafe {
+        ffi::lua_settop(L, 2);
+        ffi::lua_pushvalue(L, ffi::lua_upvalueindex(1));
+        ffi::lua_pushvalue(L, 1);
+        ffi::lua_pushvalue(L, 2);
+        ffi::lua_call(L, 2, 1);
+        let settle = ffi::lua_toboolean(L, -1) != 0;
+        ffi::lua_pop(L, 1);
+        if settle {
+            ffi::lua_pushvalue(L, ffi::lua_upvalueindex(2));
+            ffi::lua_call(L, 0, 0);
+        }
+        ffi::lua_pushvalue(L, ffi::lua_upvalueindex(3));
+        ffi::lua_pushvalue(L, 1);
+        ffi::lua_pushvalue(L, 2);
+        ffi::lua_call(L, 2, ffi::LUA_MULTRET);
+        ffi::lua_gettop(L) - 2
     }
 }

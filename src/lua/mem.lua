@@ -45,10 +45,11 @@ end
 
 -- Option kinds: name -> check(value) returning nil when fine, else what was expected.
 local MAX_COUNT = 100000
+-- A range check names the value it got, a type check the type.
 local function integer_in(lo, hi)
   return function(v)
     if type(v) ~= "number" or v ~= v or v < lo or v > hi or floor(v) ~= v then
-      return format("integer from %d to %d", lo, hi)
+      return format("integer from %d to %d", lo, hi), type(v) == "number"
     end
   end
 end
@@ -78,10 +79,10 @@ local function check_opts(opts, n, fname, allowed, level)
     if not allowed[k] then
       argerror(n, fname, format("unknown option '%s'", tostring(k)), level + 1)
     end
-    local expected = KINDS[k](v)
+    local expected, show_value = KINDS[k](v)
     if expected then
       argerror(n, fname, format("option '%s': %s expected, got %s", k, expected,
-        type(v) == "number" and tostring(v) or typename(v)), level + 1)
+        show_value and tostring(v) or typename(v)), level + 1)
     end
   end
   return opts
@@ -90,10 +91,17 @@ end
 -- Measuring -------------------------------------------------------------------------------------
 
 -- Collects until live memory stops changing (at least two full cycles, so that objects with
--- finalizers are finalized and then freed) and returns `live_bytes, net_blocks`. On LuaJIT the
--- compiled traces are flushed first: their memory belongs to the JIT, not to the code measured.
+-- finalizers are finalized and then freed) and returns `live_bytes, net_blocks`.
+-- On LuaJIT the compiled traces are flushed first: their memory belongs to the JIT, not to the
+-- code measured. The running thread's stack is stretched first and shrunk by the collections
+-- (see core.stretch); Lua 5.4 shrinks stacks only in incremental mode, so a generational
+-- collector (lua.c's default) is switched to incremental for the collections and back.
+local stretch = core.stretch
+local switch_mode = VERSION == "lua54" or VERSION == "lua55"
 local function settle()
   if jit_flush then jit_flush() end
+  local mode = switch_mode and collectgarbage("incremental")
+  stretch()
   collectgarbage("collect")
   local bytes, blocks = live()
   for _ = 1, 32 do
@@ -101,6 +109,10 @@ local function settle()
     local b, k = live()
     if b == bytes and k == blocks then break end
     bytes, blocks = b, k
+  end
+  if mode == "generational" then
+    collectgarbage("generational")
+    bytes, blocks = live()
   end
   return bytes, blocks
 end
@@ -125,42 +137,61 @@ end
 local CP_NEW_OPTS = { name = true, collect = true }
 local CP_OPTS = { tolerance = true, name = true }
 
-function M.checkpoint(arg)
-  local name, collect = nil, true
-  if type(arg) == "string" then
-    name = arg
-  elseif type(arg) == "table" then
-    check_opts(arg, 1, "checkpoint", CP_NEW_OPTS, 2)
-    name, collect = arg.name, arg.collect ~= false
-  elseif arg ~= nil then
-    argerror(1, "checkpoint", "string or table expected, got " .. typename(arg), 2)
-  end
-  if collect then settle() end
-  return core.checkpoint(name)
-end
+-- mem.checkpoint, cp:is_neutral and cp:assert_neutral are made by `core.measured`: they check
+-- their arguments, then settle, then read, all with the same stack layout below the caller, so a
+-- checkpoint and its check compare like with like (live memory includes the thread's stack).
+local measured = core.measured
 
-local function cp_check(cp, opts, fname, level)
-  if not core.is_checkpoint(cp) then
-    argerror(1, fname, "checkpoint expected, got " .. typename(cp), level + 1)
+M.checkpoint = measured(function(arg)
+  if type(arg) == "table" then
+    check_opts(arg, 1, "checkpoint", CP_NEW_OPTS, 3)
+    return arg.collect ~= false
+  elseif arg ~= nil and type(arg) ~= "string" then
+    argerror(1, "checkpoint", "string or table expected, got " .. typename(arg), 3)
   end
-  check_opts(opts, 2, fname, CP_OPTS, level + 1)
+  return true
+end, settle, function(arg)
+  return core.checkpoint(type(arg) == "table" and arg.name or arg)
+end)
+
+-- The verdict of a checkpoint method, after `settle()`. Both methods and `mem.checkpoint` call
+-- `settle()` from their own frame: live memory includes the running thread's call frames, so the
+-- two readings are taken at the same depth below the user's call.
+--
+-- Neutral means that what was allocated since the checkpoint has been freed: a leak is more
+-- live bytes (beyond `tolerance`) *and* more live blocks. Growth without new blocks is a block
+-- made before the checkpoint that was reallocated larger, which a single comparison cannot tell
+-- from the VM's own structures that grow and shrink lazily (a thread's stack, the string table);
+-- mem.is_neutral, which repeats the run, catches growth of that kind.
+local function cp_verdict(cp, opts, fname)
   local tolerance = opts and opts.tolerance or 0
-  settle()
   local bytes, blocks = core.cp_values(cp, fname)
-  if bytes <= tolerance then return true end
+  if bytes <= tolerance or blocks <= 0 then return true end
   local name = opts and opts.name or core.cp_name(cp) or "checkpoint"
   return false, format('leak since "%s": +%d bytes, %+d %s (tolerance %d)',
     name, bytes, blocks, plural(blocks, "block"), tolerance)
 end
 
+local function cp_args(fname)
+  return function(cp, opts)
+    if not core.is_checkpoint(cp) then
+      argerror(1, fname, "checkpoint expected, got " .. typename(cp), 3)
+    end
+    check_opts(opts, 2, fname, CP_OPTS, 3)
+    return true
+  end
+end
+
 local CP_METHODS = {
   delta = core.cp_delta,
-  is_neutral = function(cp, opts) return cp_check(cp, opts, "is_neutral", 2) end,
-  assert_neutral = function(cp, opts)
-    local ok, report = cp_check(cp, opts, "assert_neutral", 2)
-    if not ok then error(report, 2) end
+  is_neutral = measured(cp_args("is_neutral"), settle, function(cp, opts)
+    return cp_verdict(cp, opts, "is_neutral")
+  end),
+  assert_neutral = measured(cp_args("assert_neutral"), settle, function(cp, opts)
+    local ok, report = cp_verdict(cp, opts, "assert_neutral")
+    if not ok then error(report, 3) end
     return true
-  end,
+  end),
 }
 local cp_mt = core.checkpoint_mt
 cp_mt.__index = function(cp, k)
@@ -192,7 +223,12 @@ local function judge(fn, opts, fname, level)
   local runs = opts and opts.runs or DEFAULT_RUNS
   local tolerance = opts and opts.tolerance or 0
 
-  for _ = 1, warmup do fn() end
+  -- Warm-up runs settle too, so that they meet the state measured runs meet (on LuaJIT, traces
+  -- are recorded afresh after each flush, and the recorder's buffers grow to fit them here).
+  for _ = 1, warmup do
+    fn()
+    settle()
+  end
   -- Both arrays are sized before the first measurement, so filling them allocates nothing.
   local bytes, blocks = {}, {}
   for i = 1, runs do bytes[i], blocks[i] = 0, 0 end
