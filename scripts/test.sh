@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine:
+#   bash scripts/test.sh
+# Installs what it needs (scripts/setup.sh), then runs: cargo fmt, clippy for every Lua
+# feature, luacheck, the Rust tests on mlua's vendored LuaJIT and Lua 5.4, `luarocks make` and
+# the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and the example on each. Ends with one
+# line: "N passed, N failed", counting every test of every suite.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+bash scripts/setup.sh || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
+
+passed=0
+failed=0
+failures=()
+log_dir=$(mktemp -d)
+
+# check NAME CMD...: one test that passes when CMD succeeds.
+check() {
+  local name=$1
+  shift
+  local log="$log_dir/$(echo "$name" | tr -c 'a-zA-Z0-9' '_').log"
+  if "$@" >"$log" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok   $name"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    echo "FAIL $name"
+    tail -n 40 "$log" | sed 's/^/     /'
+  fi
+}
+
+# count NAME PASSED FAILED LOG: a suite that reported its own counts.
+count() {
+  local name=$1 p=$2 f=$3 log=$4
+  passed=$((passed + p))
+  failed=$((failed + f))
+  if [ "$f" -eq 0 ] && [ "$p" -gt 0 ]; then
+    echo "ok   $name: $p passed"
+  else
+    [ "$p" -eq 0 ] && [ "$f" -eq 0 ] && failed=$((failed + 1)) && f=1
+    failures+=("$name")
+    echo "FAIL $name: $p passed, $f failed"
+    grep -E "^not ok|panicked|FAILED|Error|error" "$log" | head -n 40 | sed 's/^/     /'
+    tail -n 20 "$log" | sed 's/^/     /'
+  fi
+}
+
+features=(luajit lua51 lua53 lua54)
+interpreters=(luajit lua5.1 lua5.3 lua5.4)
+
+echo "== style"
+check "cargo fmt --check" cargo fmt --all -- --check
+for f in "${features[@]}"; do
+  check "cargo clippy ($f,module)" cargo clippy --locked --no-default-features --features "$f,module" \
+    --target-dir "target/clippy-$f" -- -D warnings
+done
+check "cargo clippy (lua54,vendored, tests)" cargo clippy --locked --no-default-features \
+  --features lua54,vendored --all-targets --target-dir target/vendored-lua54 -- -D warnings
+check "luacheck" luacheck --no-color src/lua lua spec examples bench
+
+echo "== rust tests (mlua's vendored Lua)"
+for f in lua54 luajit; do
+  log="$log_dir/cargo-test-$f.log"
+  cargo test --locked --no-default-features --features "$f,vendored" --target-dir "target/vendored-$f" \
+    >"$log" 2>&1
+  p=$(grep -Eo "test result: [a-zA-Z]+\. [0-9]+ passed" "$log" | awk '{s += $4} END {print s + 0}')
+  f_=$(grep -Eo "[0-9]+ failed" "$log" | awk '{s += $1} END {print s + 0}')
+  if ! grep -q "test result" "$log"; then f_=1; fi
+  count "cargo test ($f,vendored)" "$p" "$f_" "$log"
+done
+
+echo "== luarocks make + busted"
+for lua in "${interpreters[@]}"; do
+  log="$log_dir/rock-$lua.log"
+  if ! env_line=$(bash scripts/rock.sh "$lua" 2>"$log"); then
+    count "luarocks make ($lua)" 0 1 "$log"
+    continue
+  fi
+  check "luarocks make ($lua)" true
+  log="$log_dir/busted-$lua.log"
+  (eval "$env_line"; export LUNET_MEM_LUA=$lua; busted --lua="$lua" -o TAP) >"$log" 2>&1
+  p=$(grep -cE "^ok [0-9]+" "$log" | tr -d ' ')
+  s=$(grep -cE "^ok [0-9]+.*# SKIP" "$log" | tr -d ' ')
+  f_=$(grep -cE "^not ok [0-9]+" "$log" | tr -d ' ')
+  count "busted ($lua)" "$((p - s))" "$f_" "$log"
+  check "example ($lua)" bash -c "$env_line; $lua examples/demo.lua | tee /dev/stderr | grep -q 'leak in \"GET /leaky\"'"
+done
+
+rm -rf "$log_dir"
+echo
+if [ ${#failures[@]} -gt 0 ]; then
+  echo "failed: ${failures[*]}"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
