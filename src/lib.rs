@@ -6,28 +6,40 @@ pub mod lua_api;
 pub mod scope;
 pub mod state;
 
-use mlua::{Lua, Result, Table};
+use std::ffi::c_int;
+
+use mlua::ffi::{self, lua_State};
 
 /// The Lua half of the module (argument checking, neutrality checks, coroutine wrappers),
 /// compiled into the library so that `require "lunet.mem"` needs nothing else.
 const LUA_LAYER: &str = include_str!("lua/mem.lua");
 
-/// Installs the tracker on `lua`'s state (once) and builds the `lunet.mem` module table.
-pub fn open(lua: &Lua) -> Result<Table> {
-    // SAFETY: `exec_raw` gives the state with a checked stack, in protected mode; `install` and
-    // `push_core` only use the Lua API on it.
-    let core: Table = unsafe {
-        lua.exec_raw((), |L| {
-            mlua::ffi::luaL_checkstack(L, 16, std::ptr::null());
-            state::install(L);
-            lua_api::push_core(L);
-        })
-    }?;
-    lua.load(LUA_LAYER).set_name("=lunet.mem").call(core)
+/// Opens the module in `L`: installs the tracker on the state (once) and returns the
+/// `lunet.mem` table. This is what `require "lunet.mem"` runs; a host that embeds Lua can also
+/// call it directly (or put it in `package.preload`).
+///
+/// # Safety
+/// A `lua_CFunction`: `L` must be a valid Lua state, called through `lua_call`/`lua_pcall`.
+pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
+    // SAFETY: valid state; errors (memory, a broken chunk) propagate as Lua errors with no Rust
+    // value alive.
+    unsafe {
+        ffi::luaL_checkstack(L, 16, std::ptr::null());
+        state::install(L);
+        let status =
+            ffi::luaL_loadbuffer(L, LUA_LAYER.as_ptr().cast(), LUA_LAYER.len(), c"=lunet.mem".as_ptr());
+        if status != ffi::LUA_OK {
+            ffi::lua_error(L);
+        }
+        lua_api::push_core(L);
+        ffi::lua_call(L, 1, 1);
+    }
+    1
 }
 
 #[cfg(feature = "module")]
 #[mlua::lua_module(name = "lunet_mem")]
-fn lunet_mem(lua: &Lua) -> Result<Table> {
-    open(lua)
+fn lunet_mem(lua: &mlua::Lua) -> mlua::Result<mlua::Table> {
+    // SAFETY: `open` is a well-behaved lua_CFunction.
+    unsafe { lua.create_c_function(open) }?.call(())
 }
