@@ -13,8 +13,12 @@ use std::rc::Rc;
 use crate::scope::Scope;
 
 /// The allocator signature Lua uses (`lua_Alloc`).
-pub type LuaAlloc =
-    unsafe extern "C" fn(ud: *mut c_void, ptr: *mut c_void, osize: usize, nsize: usize) -> *mut c_void;
+pub type LuaAlloc = unsafe extern "C" fn(
+    ud: *mut c_void,
+    ptr: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void;
 
 /// Number of slots in the per-type tables: the type tag Lua 5.2+ passes in `osize` is masked with
 /// `TYPE_SLOTS - 1` (its low 4 bits are the basic type).
@@ -97,7 +101,8 @@ impl Tracker {
 
     /// Makes `scope` the one allocations are attributed to.
     pub fn set_active_scope(&self, scope: Option<Rc<Scope>>) {
-        self.active.set(scope.as_ref().map_or(ptr::null(), Rc::as_ptr));
+        self.active
+            .set(scope.as_ref().map_or(ptr::null(), Rc::as_ptr));
         // Dropping the previous owner may free a scope: Rust heap only, no Lua allocation.
         drop(self.active_owner.replace(scope));
     }
@@ -114,8 +119,14 @@ impl Tracker {
     #[inline(always)]
     fn on_alloc(&self, nsize: usize, tag: usize) {
         self.allocs.set(self.allocs.get() + 1);
-        self.bytes_allocated.set(self.bytes_allocated.get() + nsize as u64);
-        if cfg!(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55")) {
+        self.bytes_allocated
+            .set(self.bytes_allocated.get() + nsize as u64);
+        if cfg!(any(
+            feature = "lua52",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        )) {
             let slot = tag & (TYPE_SLOTS - 1);
             self.type_allocs[slot].set(self.type_allocs[slot].get() + 1);
             self.type_bytes[slot].set(self.type_bytes[slot].get() + nsize as u64);
@@ -143,12 +154,14 @@ impl Tracker {
     #[inline(always)]
     fn on_realloc(&self, osize: usize, nsize: usize) {
         self.reallocs.set(self.reallocs.get() + 1);
-        self.bytes_allocated.set(self.bytes_allocated.get() + nsize as u64);
+        self.bytes_allocated
+            .set(self.bytes_allocated.get() + nsize as u64);
         self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
         if nsize >= osize {
             self.grow((nsize - osize) as u64);
         } else {
-            self.live_bytes.set(self.live_bytes.get() - (osize - nsize) as u64);
+            self.live_bytes
+                .set(self.live_bytes.get() - (osize - nsize) as u64);
         }
         let scope = self.active.get();
         if !scope.is_null() {
@@ -202,7 +215,12 @@ pub fn is_tracking_alloc(f: LuaAlloc) -> bool {
 mod tests {
     use super::*;
 
-    unsafe extern "C" fn libc_alloc(_: *mut c_void, p: *mut c_void, _: usize, n: usize) -> *mut c_void {
+    unsafe extern "C" fn libc_alloc(
+        _: *mut c_void,
+        p: *mut c_void,
+        _: usize,
+        n: usize,
+    ) -> *mut c_void {
         // SAFETY: plain libc realloc/free contract.
         unsafe {
             if n == 0 {

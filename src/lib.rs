@@ -26,8 +26,12 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
     unsafe {
         ffi::luaL_checkstack(L, 16, std::ptr::null());
         state::install(L);
-        let status =
-            ffi::luaL_loadbuffer(L, LUA_LAYER.as_ptr().cast(), LUA_LAYER.len(), c"=lunet.mem".as_ptr());
+        let status = ffi::luaL_loadbuffer(
+            L,
+            LUA_LAYER.as_ptr().cast(),
+            LUA_LAYER.len(),
+            c"=lunet.mem".as_ptr(),
+        );
         if status != ffi::LUA_OK {
             ffi::lua_error(L);
         }

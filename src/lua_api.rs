@@ -93,7 +93,10 @@ unsafe fn check_tracker<'a>(L: *mut lua_State) -> &'a Tracker {
         Some(t) => t,
         // SAFETY: nothing with a destructor is alive here.
         None => unsafe {
-            raise(L, "lunet.mem: the tracking allocator is not installed on this state".into())
+            raise(
+                L,
+                "lunet.mem: the tracking allocator is not installed on this state".into(),
+            )
         },
     }
 }
@@ -211,7 +214,12 @@ unsafe fn to_string(L: *mut lua_State, idx: c_int) -> Option<String> {
 
 /// A copy of the tracker's counters, taken before anything is allocated for the result.
 #[cfg_attr(
-    not(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55")),
+    not(any(
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    )),
     allow(dead_code)
 )]
 struct Snapshot {
@@ -246,7 +254,12 @@ impl Snapshot {
 
 /// Names of the type slots (the low 4 bits of Lua 5.2+'s tag; slot 0 is memory that is not an
 /// object: arrays, buffers, stacks).
-#[cfg(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55"))]
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
 fn type_slot_name(slot: usize) -> Option<&'static CStr> {
     let lua54_order = cfg!(any(feature = "lua54", feature = "lua55"));
     Some(match slot {
@@ -279,7 +292,12 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
         set_int(L, c"bytes_freed", s.bytes_freed as i64);
         set_int(L, c"baseline_bytes", s.baseline_bytes as i64);
         set_int(L, c"net_blocks", s.allocs as i64 - s.frees as i64);
-        #[cfg(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55"))]
+        #[cfg(any(
+            feature = "lua52",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        ))]
         {
             ffi::lua_createtable(L, 0, 8);
             ffi::lua_createtable(L, 0, 8);
@@ -328,7 +346,11 @@ unsafe extern "C-unwind" fn l_checkpoint(L: *mut lua_State) -> c_int {
         let slot = push_slot::<Checkpoint>(L, CHECKPOINT_MT);
         let name = to_string(L, 1);
         let t = check_tracker(L);
-        let cp = Checkpoint { name, live_bytes: t.live_bytes.get(), net_blocks: t.net_blocks() };
+        let cp = Checkpoint {
+            name,
+            live_bytes: t.live_bytes.get(),
+            net_blocks: t.net_blocks(),
+        };
         *slot = Box::into_raw(Box::new(cp));
     }
     1
@@ -405,10 +427,18 @@ unsafe extern "C-unwind" fn l_is_checkpoint(L: *mut lua_State) -> c_int {
 ///
 /// # Safety
 /// `L` valid with 4 free slots. May raise (memory) only when `create` is set.
-unsafe fn thread_scopes<'a>(L: *mut lua_State, idx: c_int, create: bool) -> Option<&'a mut ThreadScopes> {
+unsafe fn thread_scopes<'a>(
+    L: *mut lua_State,
+    idx: c_int,
+    create: bool,
+) -> Option<&'a mut ThreadScopes> {
     // SAFETY: valid state; the registry table is made at load (`push_core`).
     unsafe {
-        let idx = if idx == 0 { 0 } else { ffi::lua_absindex(L, idx) };
+        let idx = if idx == 0 {
+            0
+        } else {
+            ffi::lua_absindex(L, idx)
+        };
         ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, THREADS_KEY.as_ptr());
         if idx == 0 {
             ffi::lua_pushthread(L);
@@ -822,21 +852,19 @@ unsafe fn push_thread(L: *mut lua_State, co: *mut lua_State) {
 /// shrink it to twice the use. Lua 5.3 always shrinks to a size computed from the use; 5.1 and
 /// LuaJIT halve a stack used below 1/4, which no growth can make canonical: nothing is done.
 unsafe extern "C-unwind" fn l_stretch(L: *mut lua_State) -> c_int {
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
     // SAFETY: called by Lua; `lua_checkstack` reports failure instead of raising.
     unsafe {
-        #[cfg(any(feature = "lua54", feature = "lua55"))]
-        {
-            let mut ar: ffi::lua_Debug = mem::zeroed();
-            let mut depth = 0;
-            while depth < 2000 && ffi::lua_getstack(L, depth, &mut ar) != 0 {
-                depth += 1;
-            }
-            // A frame uses at most 255 slots (Lua) or its values + LUA_MINSTACK (C).
-            ffi::lua_checkstack(L, (depth + 2) * 3 * 256);
+        let mut ar: ffi::lua_Debug = mem::zeroed();
+        let mut depth = 0;
+        while depth < 2000 && ffi::lua_getstack(L, depth, &mut ar) != 0 {
+            depth += 1;
         }
-        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
-        let _ = L;
+        // A frame uses at most 255 slots (Lua) or its values + LUA_MINSTACK (C).
+        ffi::lua_checkstack(L, (depth + 2) * 3 * 256);
     }
+    #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+    let _ = L;
     0
 }
 

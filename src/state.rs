@@ -19,11 +19,17 @@ pub unsafe fn gc_count_bytes(L: *mut lua_State) -> u64 {
     let (kib, bytes) = unsafe {
         #[cfg(any(feature = "lua54", feature = "lua55"))]
         {
-            (ffi::lua_gc(L, ffi::LUA_GCCOUNT), ffi::lua_gc(L, ffi::LUA_GCCOUNTB))
+            (
+                ffi::lua_gc(L, ffi::LUA_GCCOUNT),
+                ffi::lua_gc(L, ffi::LUA_GCCOUNTB),
+            )
         }
         #[cfg(not(any(feature = "lua54", feature = "lua55")))]
         {
-            (ffi::lua_gc(L, ffi::LUA_GCCOUNT, 0), ffi::lua_gc(L, ffi::LUA_GCCOUNTB, 0))
+            (
+                ffi::lua_gc(L, ffi::LUA_GCCOUNT, 0),
+                ffi::lua_gc(L, ffi::LUA_GCCOUNTB, 0),
+            )
         }
     };
     (kib as u32 as u64) * 1024 + bytes as u32 as u64

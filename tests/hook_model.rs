@@ -17,7 +17,12 @@ struct Host {
     fail_next: Cell<bool>,
 }
 
-unsafe extern "C" fn host_alloc(ud: *mut c_void, p: *mut c_void, _osize: usize, nsize: usize) -> *mut c_void {
+unsafe extern "C" fn host_alloc(
+    ud: *mut c_void,
+    p: *mut c_void,
+    _osize: usize,
+    nsize: usize,
+) -> *mut c_void {
     // SAFETY: `ud` is the test's `Host`; libc realloc/free contract.
     unsafe {
         let host = &*(ud as *const Host);
@@ -97,9 +102,15 @@ fn attribute(scopes: &mut [ModelScope], active: Option<usize>, f: impl Fn(&mut C
 }
 
 fn run(ops: Vec<Op>) {
-    let host = Host { fail_next: Cell::new(false) };
+    let host = Host {
+        fail_next: Cell::new(false),
+    };
     let baseline = 12345u64;
-    let tracker = Box::new(Tracker::new(host_alloc, &host as *const Host as *mut c_void, baseline));
+    let tracker = Box::new(Tracker::new(
+        host_alloc,
+        &host as *const Host as *mut c_void,
+        baseline,
+    ));
     let ud = &*tracker as *const Tracker as *mut c_void;
     let mut blocks: Vec<(*mut c_void, usize)> = Vec::new();
     let (mut live, mut peak) = (baseline, baseline);
@@ -168,9 +179,17 @@ fn run(ops: Vec<Op>) {
             Op::FailNext => host.fail_next.set(true),
             Op::OpenScope => {
                 let parent = active;
-                let real = Rc::new(Scope::new(format!("s{}", scopes.len()), tracker.active_scope()));
+                let real = Rc::new(Scope::new(
+                    format!("s{}", scopes.len()),
+                    tracker.active_scope(),
+                ));
                 tracker.set_active_scope(Some(real.clone()));
-                scopes.push(ModelScope { real, parent, closed: false, counts: Counts::default() });
+                scopes.push(ModelScope {
+                    real,
+                    parent,
+                    closed: false,
+                    counts: Counts::default(),
+                });
                 active = Some(scopes.len() - 1);
                 open.push(scopes.len() - 1);
             }
@@ -203,7 +222,10 @@ fn run(ops: Vec<Op>) {
     assert_eq!(tracker.reallocs.get(), totals.reallocs);
     assert_eq!(tracker.bytes_allocated.get(), totals.allocated);
     assert_eq!(tracker.bytes_freed.get(), totals.freed);
-    assert_eq!(baseline + tracker.bytes_allocated.get() - tracker.bytes_freed.get(), live);
+    assert_eq!(
+        baseline + tracker.bytes_allocated.get() - tracker.bytes_freed.get(),
+        live
+    );
     for s in &scopes {
         let real = Counts {
             allocs: s.real.allocs.get(),
@@ -241,7 +263,10 @@ fn failed_allocations_are_not_counted() {
         Op::FailNext,
         Op::Alloc { size: 50, tag: 4 },
         Op::FailNext,
-        Op::Realloc { pick: 0, size: 4000 },
+        Op::Realloc {
+            pick: 0,
+            size: 4000,
+        },
         Op::Free { pick: 0 },
     ]);
 }
