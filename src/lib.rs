@@ -25,7 +25,7 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
     // value alive.
     unsafe {
         ffi::luaL_checkstack(L, 16, std::ptr::null());
-        state::install(L);
+        state::install(L, state::default_serve());
         let status = ffi::luaL_loadbuffer(
             L,
             LUA_LAYER.as_ptr().cast(),

@@ -5,7 +5,7 @@ use std::ptr;
 
 use mlua::ffi::{self, lua_State};
 
-use crate::hook::{is_tracking_alloc, tracking_alloc, Tracker};
+use crate::hook::{hook_for, hook_kind, is_tracking_alloc, Serve, Tracker};
 
 /// Registry key of the userdata whose finalizer removes the tracker when the state closes.
 const SENTINEL_KEY: &std::ffi::CStr = c"lunet.mem.sentinel";
@@ -51,15 +51,27 @@ pub unsafe fn tracker<'a>(L: *mut lua_State) -> Option<&'a Tracker> {
     }
 }
 
+/// Where new blocks come from unless `LUNET_MEM_ALLOCATOR` (`host` or `mimalloc`) says: mimalloc
+/// on PUC Lua, whose host allocator is the C library's; the host's own allocator on LuaJIT, whose
+/// built-in allocator is fast and must get its arena back at `lua_close` (see [`uninstall`]).
+pub fn default_serve() -> Serve {
+    match std::env::var("LUNET_MEM_ALLOCATOR").as_deref() {
+        Ok("host") => Serve::Host,
+        Ok("mimalloc") => Serve::Mimalloc,
+        _ if cfg!(feature = "luajit") => Serve::Host,
+        _ => Serve::Mimalloc,
+    }
+}
+
 /// Wraps the state's allocator with the tracking hook, unless it is wrapped already.
 ///
 /// The baseline is read just before `lua_setallocf`, with no allocation in between, so that
-/// `live_bytes` equals the state's own count from then on. A finalizer registered in the registry
-/// removes the hook when the state closes (see [`uninstall`]).
+/// `live_bytes` equals the state's own count from then on. How the tracker ends: see
+/// [`uninstall`] (host mode) and the hook's last free (`crate::hook`).
 ///
 /// # Safety
 /// `L` must be a valid Lua state with at least 3 free stack slots. May raise a Lua error (memory).
-pub unsafe fn install<'a>(L: *mut lua_State) -> &'a Tracker {
+pub unsafe fn install<'a>(L: *mut lua_State, serve: Serve) -> &'a Tracker {
     // SAFETY: valid state.
     if let Some(t) = unsafe { tracker(L) } {
         return t;
@@ -70,32 +82,36 @@ pub unsafe fn install<'a>(L: *mut lua_State) -> &'a Tracker {
         let host = ffi::lua_getallocf(L, &mut host_ud);
         let baseline = gc_count_bytes(L);
         let tracker = Box::into_raw(Box::new(Tracker::new(host, host_ud, baseline)));
-        ffi::lua_setallocf(L, tracking_alloc, tracker.cast());
+        ffi::lua_setallocf(L, hook_for(serve), tracker.cast());
         &*tracker
     };
-    // SAFETY: valid state with stack room; allocations from here on are tracked.
-    unsafe {
-        ffi::lua_newuserdata(L, 1);
-        ffi::lua_createtable(L, 0, 1);
-        ffi::lua_pushcfunction(L, uninstall);
-        ffi::lua_setfield(L, -2, c"__gc".as_ptr());
-        ffi::lua_setmetatable(L, -2);
-        ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, SENTINEL_KEY.as_ptr());
+    if serve == Serve::Host {
+        // SAFETY: valid state with stack room; allocations from here on are tracked.
+        unsafe {
+            ffi::lua_newuserdata(L, 1);
+            ffi::lua_createtable(L, 0, 1);
+            ffi::lua_pushcfunction(L, uninstall);
+            ffi::lua_setfield(L, -2, c"__gc".as_ptr());
+            ffi::lua_setmetatable(L, -2);
+            ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, SENTINEL_KEY.as_ptr());
+        }
     }
     tracker
 }
 
-/// Finalizer of the sentinel: gives the state its own allocator back and frees the tracker.
+/// Finalizer of the sentinel (host mode only): gives the state its own allocator back and frees
+/// the tracker.
 ///
 /// Runs inside `lua_close` (every version runs all finalizers there, before freeing the
 /// remaining objects), so the frees that follow go straight to the host allocator, which made
-/// every block. LuaJIT then sees its own allocator again and releases its arena as usual. If
-/// something wrapped our hook in the meantime, the hook stays and the tracker is kept.
+/// every block. LuaJIT then sees its own allocator again and releases its arena as usual. With
+/// mimalloc serving, blocks must keep coming to the hook, which frees the tracker with the
+/// state's last block instead. If something wrapped our hook in the meantime, it stays too.
 unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
     let mut ud: *mut c_void = ptr::null_mut();
     // SAFETY: valid state (called by Lua as a finalizer).
     let f = unsafe { ffi::lua_getallocf(L, &mut ud) };
-    if is_tracking_alloc(f) && !ud.is_null() {
+    if hook_kind(f) == Some(Serve::Host) && !ud.is_null() {
         // SAFETY: `ud` is the Box made by `install`; after `lua_setallocf` nothing reaches it.
         unsafe {
             let tracker = Box::from_raw(ud as *mut Tracker);

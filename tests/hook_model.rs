@@ -8,7 +8,7 @@ use std::ffi::c_void;
 use std::ptr;
 use std::rc::Rc;
 
-use lunet_mem::hook::{tracking_alloc, Tracker};
+use lunet_mem::hook::{hook_for, LuaAlloc, Serve, Tracker};
 use lunet_mem::scope::Scope;
 use proptest::prelude::*;
 
@@ -101,18 +101,21 @@ fn attribute(scopes: &mut [ModelScope], active: Option<usize>, f: impl Fn(&mut C
     }
 }
 
-fn run(ops: Vec<Op>) {
+fn run(ops: Vec<Op>, serve: Serve) {
     let host = Host {
         fail_next: Cell::new(false),
     };
-    let baseline = 12345u64;
-    let tracker = Box::new(Tracker::new(
-        host_alloc,
-        &host as *const Host as *mut c_void,
-        baseline,
-    ));
+    let host_ud = &host as *const Host as *mut c_void;
+    // Blocks the host made before the hook was installed; they count in the baseline.
+    let mut blocks: Vec<(*mut c_void, usize)> = [100usize, 200, 300, 4000]
+        .iter()
+        // SAFETY: new blocks from the host allocator.
+        .map(|&n| (unsafe { host_alloc(host_ud, ptr::null_mut(), 0, n) }, n))
+        .collect();
+    let baseline = 12345u64 + 4600;
+    let tracker = Box::new(Tracker::new(host_alloc, host_ud, baseline));
     let ud = &*tracker as *const Tracker as *mut c_void;
-    let mut blocks: Vec<(*mut c_void, usize)> = Vec::new();
+    let tracking_alloc: LuaAlloc = hook_for(serve);
     let (mut live, mut peak) = (baseline, baseline);
     let mut totals = Counts::default();
     let mut scopes: Vec<ModelScope> = Vec::new();
@@ -120,7 +123,11 @@ fn run(ops: Vec<Op>) {
     let mut active: Option<usize> = None;
 
     for op in ops {
-        let failing = host.fail_next.get();
+        // With mimalloc serving, the host is only asked to free its own blocks (never fails).
+        let failing = serve == Serve::Host && host.fail_next.get();
+        if serve == Serve::Mimalloc {
+            host.fail_next.set(false);
+        }
         match op {
             Op::Alloc { size, tag } => {
                 // SAFETY: a new block, per the lua_Alloc contract.
@@ -243,7 +250,7 @@ fn run(ops: Vec<Op>) {
         // SAFETY: live blocks of the test.
         unsafe { tracking_alloc(ud, p, size, 0) };
     }
-    assert_eq!(tracker.live_bytes.get(), baseline);
+    assert_eq!(tracker.live_bytes.get(), 12345);
     tracker.set_active_scope(None);
 }
 
@@ -252,13 +259,20 @@ proptest! {
 
     #[test]
     fn live_bytes_always_equals_the_model(ops in prop::collection::vec(op(), 1..300)) {
-        run(ops);
+        run(ops, Serve::Host);
+    }
+
+    #[test]
+    fn live_bytes_always_equals_the_model_with_mimalloc_serving(
+        ops in prop::collection::vec(op(), 1..300)
+    ) {
+        run(ops, Serve::Mimalloc);
     }
 }
 
 #[test]
 fn failed_allocations_are_not_counted() {
-    run(vec![
+    run_both(vec![
         Op::Alloc { size: 100, tag: 5 },
         Op::FailNext,
         Op::Alloc { size: 50, tag: 4 },
@@ -273,7 +287,7 @@ fn failed_allocations_are_not_counted() {
 
 #[test]
 fn scope_counts_roll_up_to_open_ancestors_only() {
-    run(vec![
+    run_both(vec![
         Op::OpenScope,
         Op::OpenScope,
         Op::Alloc { size: 10, tag: 5 },
@@ -284,4 +298,30 @@ fn scope_counts_roll_up_to_open_ancestors_only() {
         Op::CloseScope,
         Op::Alloc { size: 30, tag: 5 },
     ]);
+}
+
+fn run_both(ops: Vec<Op>) {
+    run(ops.clone(), Serve::Host);
+    run(ops, Serve::Mimalloc);
+}
+
+#[test]
+fn the_tracker_ends_with_the_last_block() {
+    // A tracker whose baseline is one block: freeing it frees the tracker (checked by running
+    // under the test's allocator without a crash; valgrind/ASan would see a double free or leak).
+    let host = Host {
+        fail_next: Cell::new(false),
+    };
+    let host_ud = &host as *const Host as *mut c_void;
+    // SAFETY: a block from the host, then the hook frees it and with it the tracker.
+    unsafe {
+        let last = host_alloc(host_ud, ptr::null_mut(), 0, 64);
+        let tracker = Box::into_raw(Box::new(Tracker::new(host_alloc, host_ud, 64)));
+        let hook = hook_for(Serve::Mimalloc);
+        let extra = hook(tracker.cast(), ptr::null_mut(), 0, 32);
+        assert!(!extra.is_null());
+        hook(tracker.cast(), extra, 32, 0);
+        assert_eq!((*tracker).live_bytes.get(), 64);
+        hook(tracker.cast(), last, 64, 0);
+    }
 }

@@ -167,10 +167,8 @@ fn loading_twice_wraps_the_allocator_once() {
     lua.load("m1 = require 'lunet.mem'").exec().unwrap();
     let first = allocator(&lua);
     assert_ne!(first, host);
-    assert_eq!(
-        first.0,
-        lunet_mem::hook::tracking_alloc as *const () as usize
-    );
+    let hook = lunet_mem::hook::hook_for(lunet_mem::state::default_serve());
+    assert_eq!(first.0, hook as *const () as usize);
     lua.load(
         r#"
         local resume = coroutine.resume

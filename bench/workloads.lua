@@ -1,0 +1,59 @@
+-- One benchmark run: lua bench/workloads.lua WORKLOAD MODE N
+--   WORKLOAD: churn | strings | handler
+--   MODE:     bare (no module) | track (module loaded) | scope (module, a scope per request)
+-- Prints the CPU seconds the workload took (start-up and loading excluded).
+local workload, mode, n = arg[1], arg[2], tonumber(arg[3])
+local mem
+if mode ~= "bare" then mem = require "lunet.mem" end
+
+local work = {}
+
+-- Short-lived tables kept in a ring, so that they really are allocated (LuaJIT cannot sink
+-- them) and die young.
+function work.churn(iterations)
+  local ring = {}
+  for i = 1, iterations do
+    ring[i % 64 + 1] = { i, i + 1, { x = i } }
+  end
+  return ring
+end
+
+-- String building: formatting, concatenation, table.concat.
+function work.strings(iterations)
+  local parts, out = {}, nil
+  for i = 1, iterations do
+    parts[i % 32 + 1] = ("%d:%s"):format(i, "v" .. (i % 1000))
+    if i % 32 == 0 then out = table.concat(parts, ",") end
+  end
+  return out
+end
+
+-- A request handler: parse a header block, build a response table, format a body, drop it all.
+local raw = "GET /users?id=42 HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nX-Trace: abc123\r\n\r\n"
+local function handler(request)
+  local method, path = request:match("^(%u+) (%S+)")
+  local headers = {}
+  for k, v in request:gmatch("([%w%-]+): ([^\r]+)\r\n") do headers[k:lower()] = v end
+  local rows = {}
+  for i = 1, 8 do rows[i] = { id = i, name = "user" .. i } end
+  local body = {}
+  for i = 1, #rows do body[i] = ('{"id":%d,"name":"%s"}'):format(rows[i].id, rows[i].name) end
+  return { status = 200, method = method, path = path, host = headers.host,
+           body = "[" .. table.concat(body, ",") .. "]" }
+end
+
+function work.handler(iterations)
+  local last
+  if mode == "scope" then
+    for _ = 1, iterations do last = mem.scope("GET /users", handler, raw) end
+  else
+    for _ = 1, iterations do last = handler(raw) end
+  end
+  return last
+end
+
+local f = assert(work[workload], "unknown workload")
+collectgarbage("collect")
+local t0 = os.clock()
+f(n)
+print(string.format("%.6f", os.clock() - t0))
