@@ -1,6 +1,7 @@
 -- Benchmark driver: runs each workload on the bare interpreter and with the module loaded,
--- interleaved (bare, track, scope, bare, ...) in one run, and prints the median time of each
--- mode and the ratios to bare. Machines are noisy: compare ratios, not seconds.
+-- interleaved (bare, host, mimalloc, scope, bare, ...) in one run, and prints the median time of
+-- the bare runs and the ratio of each mode's median to it. `*` marks the default allocator.
+-- Machines are noisy: compare ratios, not seconds.
 --
 --   lua5.4 bench/run.lua [interpreter] [rounds]      (module found through LUA_CPATH)
 local interpreter = arg[1] or "lua5.4"
@@ -8,8 +9,17 @@ local rounds = tonumber(arg[2] or "9")
 local sizes = { churn = 2000000, strings = 1000000, handler = 40000 }
 local workloads = { "churn", "strings", "handler" }
 
-local function run(workload, mode)
-  local cmd = ("%s bench/workloads.lua %s %s %d"):format(interpreter, workload, mode, sizes[workload])
+-- Modes: the bare interpreter; the module with each allocator; a scope per request.
+local MODES = {
+  bare = { "bare", "" },
+  host = { "track", "LUNET_MEM_ALLOCATOR=host " },
+  mimalloc = { "track", "LUNET_MEM_ALLOCATOR=mimalloc " },
+  scope = { "scope", "" },
+}
+
+local function run(workload, name)
+  local mode, env = MODES[name][1], MODES[name][2]
+  local cmd = ("%s%s bench/workloads.lua %s %s %d"):format(env, interpreter, workload, mode, sizes[workload])
   local p = assert(io.popen(cmd))
   local out = p:read("*a")
   p:close()
@@ -21,18 +31,26 @@ local function median(xs)
   return xs[math.floor((#xs + 1) / 2)]
 end
 
-print(("%-8s %-8s %10s %12s %12s"):format("interp", "workload", "bare (s)", "track/bare", "scope/bare"))
+-- The allocator the module uses unless told (see src/state.rs: default_serve).
+local default = interpreter:find("luajit") and "host" or "mimalloc"
+
+print(("%-8s %-8s %9s %11s %11s %11s   (default allocator: host on LuaJIT, mimalloc on PUC Lua)")
+  :format("interp", "workload", "bare (s)", "host/bare", "mimalloc/b", "scope/bare"))
 for _, workload in ipairs(workloads) do
-  local times = { bare = {}, track = {}, scope = {} }
-  local modes = workload == "handler" and { "bare", "track", "scope" } or { "bare", "track" }
+  local times = { bare = {}, host = {}, mimalloc = {}, scope = {} }
+  local modes = { "bare", "host", "mimalloc" }
+  if workload == "handler" then modes[#modes + 1] = "scope" end
   for _ = 1, rounds do
-    for _, mode in ipairs(modes) do
-      local t = times[mode]
-      t[#t + 1] = run(workload, mode)
+    for _, name in ipairs(modes) do
+      local t = times[name]
+      t[#t + 1] = run(workload, name)
     end
   end
   local bare = median(times.bare)
-  local track = median(times.track) / bare
-  local scope = #times.scope > 0 and ("%12.3f"):format(median(times.scope) / bare) or ("%12s"):format("-")
-  print(("%-8s %-8s %10.3f %12.3f %s"):format(interpreter, workload, bare, track, scope))
+  local function ratio(name, mark)
+    if #times[name] == 0 then return ("%11s"):format("-") end
+    return ("%10.3f%s"):format(median(times[name]) / bare, mark and "*" or " ")
+  end
+  print(("%-8s %-8s %9.3f %s %s %s"):format(interpreter, workload, bare,
+    ratio("host", default == "host"), ratio("mimalloc", default == "mimalloc"), ratio("scope")))
 end

@@ -1,6 +1,7 @@
 -- One benchmark run: lua bench/workloads.lua WORKLOAD MODE N
 --   WORKLOAD: churn | strings | handler
 --   MODE:     bare (no module) | track (module loaded) | scope (module, a scope per request)
+--   (LUNET_MEM_ALLOCATOR=host|mimalloc in the environment picks where new blocks come from)
 -- Prints the CPU seconds the workload took (start-up and loading excluded).
 local workload, mode, n = arg[1], arg[2], tonumber(arg[3])
 local mem

@@ -61,7 +61,10 @@ describe("scopes and coroutines", function()
       end
       -- On LuaJIT, what the trace recorder allocates counts for the scope active while it
       -- records; the comparison is made with the JIT off.
-      if helpers.is_jit then jit.off() end
+      if helpers.is_jit then
+        jit.off()
+        jit.flush()
+      end
       collectgarbage("stop")
       -- alone
       local alone = {}

@@ -42,6 +42,24 @@ describe("bad input", function()
     end
   end)
 
+  it("names the line of the bad call", function()
+    local cp = mem.checkpoint()
+    local calls = {
+      function() mem.is_neutral(print, { runs = -1 }) end,
+      function() mem.assert_neutral(print, { nope = 1 }) end,
+      function() mem.scope({ name = 1 }, print) end,
+      function() mem.scope("x") end,
+      function() mem.checkpoint({ collect = 1 }) end,
+      function() cp:is_neutral({ tolerance = -1 }) end,
+      function() cp:assert_neutral({ tolerance = "x" }) end,
+    }
+    for i, call in ipairs(calls) do
+      local ok, err = pcall(call)
+      assert.is_false(ok)
+      assert.matches("^spec/07%-bad_input_spec%.lua:%d+: bad argument", err, 1, false, "call " .. i)
+    end
+  end)
+
   it("never crashes under a seeded stream of random calls", function()
     local cp = mem.checkpoint({ collect = false })
     local scope = mem.scope(mem.current)

@@ -27,6 +27,20 @@ function helpers.exact()
 end
 if helpers.is_jit then jit.off(helpers.exact) end
 
+-- Runs `fn` with LuaJIT's compiler off and its traces flushed, then turns it back on. For specs
+-- that compare two readings taken apart: the trace recorder allocates (really) when code gets
+-- hot, which is the JIT's memory, not the code's.
+function helpers.without_jit(fn)
+  return function(...)
+    if not helpers.is_jit then return fn(...) end
+    jit.off()
+    jit.flush()
+    local ok, err = pcall(fn, ...)
+    jit.on()
+    if not ok then error(err, 0) end
+  end
+end
+
 -- Runs `code` in a fresh interpreter; returns the exit status (true/false), its output and code.
 function helpers.run_lua(code)
   local path = os.tmpname()

@@ -10,6 +10,8 @@ use std::ffi::c_void;
 use std::ptr;
 use std::rc::Rc;
 
+use mlua::ffi::{self, lua_State};
+
 use crate::scope::Scope;
 
 /// The allocator signature Lua uses (`lua_Alloc`).
@@ -54,6 +56,12 @@ pub struct Tracker {
     pub type_allocs: [Cell<u64>; TYPE_SLOTS],
     /// Bytes of the new objects counted in `type_allocs`.
     pub type_bytes: [Cell<u64>; TYPE_SLOTS],
+    /// Live blocks that came from mimalloc (mimalloc serving only).
+    pub mi_blocks: Cell<u64>,
+    /// The closing state's main thread, set by the sentinel's finalizer in `lua_close` when
+    /// mimalloc blocks are still live: the hook gives the state its own allocator back when the
+    /// last of them is freed (see `crate::state::uninstall`). Null otherwise.
+    pub closing: Cell<*mut lua_State>,
     /// The scope allocations are attributed to, or null. Invariant: when not null, it is the
     /// pointer held by `active_owner`, so it stays valid while it is active.
     active: Cell<*const Scope>,
@@ -76,6 +84,8 @@ impl Tracker {
             bytes_freed: Cell::new(0),
             type_allocs: Default::default(),
             type_bytes: Default::default(),
+            mi_blocks: Cell::new(0),
+            closing: Cell::new(ptr::null_mut()),
             active: Cell::new(ptr::null()),
             active_owner: Cell::new(None),
         }
@@ -201,15 +211,19 @@ unsafe fn serve<const MIMALLOC: bool>(
             return (t.host_alloc)(t.host_ud, block, osize, nsize);
         }
         if block.is_null() {
-            return if nsize == 0 {
-                ptr::null_mut()
-            } else {
-                mi::mi_malloc(nsize)
-            };
+            if nsize == 0 {
+                return ptr::null_mut();
+            }
+            let new = mi::mi_malloc(nsize);
+            if !new.is_null() {
+                t.mi_blocks.set(t.mi_blocks.get() + 1);
+            }
+            return new;
         }
         if mi::mi_is_in_heap_region(block) {
             if nsize == 0 {
                 mi::mi_free(block);
+                t.mi_blocks.set(t.mi_blocks.get() - 1);
                 return ptr::null_mut();
             }
             return mi::mi_realloc(block, nsize);
@@ -220,11 +234,38 @@ unsafe fn serve<const MIMALLOC: bool>(
         // A host block that changes size moves to mimalloc.
         let moved = mi::mi_malloc(nsize);
         if !moved.is_null() {
+            t.mi_blocks.set(t.mi_blocks.get() + 1);
             ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
             (t.host_alloc)(t.host_ud, block, osize, 0);
         }
         moved
     }
+}
+
+/// In `lua_close`, once no mimalloc block is live: gives the state its own allocator back and
+/// frees the tracker. Returns whether it did (then `ud` is gone).
+///
+/// # Safety
+/// `ud` is the live tracker `t`; `t.closing` is the closing state's main thread.
+#[cold]
+#[inline(never)]
+unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
+    if t.mi_blocks.get() != 0 {
+        return false;
+    }
+    let L = t.closing.get();
+    let mut installed_ud = ptr::null_mut();
+    // SAFETY: the main thread lives until the state's last block is freed; these only read and
+    // write the global state's allocator fields.
+    unsafe {
+        let installed = ffi::lua_getallocf(L, &mut installed_ud);
+        if hook_kind(installed) != Some(Serve::Mimalloc) || installed_ud != ud {
+            return false; // something wrapped us: the hook stays until the last block
+        }
+        ffi::lua_setallocf(L, t.host_alloc, t.host_ud);
+        drop(Box::from_raw(ud as *mut Tracker));
+    }
+    true
 }
 
 /// The body of both hooks ([`lunet_mem_alloc_host`], [`lunet_mem_alloc_mimalloc`]): serve the call, then count what succeeded.
@@ -235,8 +276,11 @@ unsafe fn serve<const MIMALLOC: bool>(
 /// `nsize` bytes. A NULL result means failure and leaves the old block untouched, so counters move
 /// only when the allocation succeeded.
 ///
-/// The tracker is freed by the free that brings `live_bytes` to 0: the state's last block (its
-/// main thread and global state, freed last by `lua_close`) is gone, and no call can follow.
+/// How the tracker ends: in `lua_close`, the sentinel's finalizer gives the state its own
+/// allocator back (host serving), or marks the tracker closing and the hook does it once no
+/// mimalloc block is live (mimalloc serving). If neither could (another allocator wrapped ours),
+/// the free that brings `live_bytes` to 0 frees the tracker: that is the state's last block (its
+/// main thread and global state, freed last by `lua_close`), and no call can follow.
 ///
 /// # Safety
 /// `ud` must be a live `Tracker` made by [`crate::state::install`], and the call must follow the
@@ -255,6 +299,11 @@ unsafe fn hook<const MIMALLOC: bool>(
     if nsize == 0 {
         if !block.is_null() {
             tracker.on_free(osize);
+            // SAFETY: `closing` is set only by the sentinel's finalizer in `lua_close`.
+            if MIMALLOC && !tracker.closing.get().is_null() && unsafe { finish_close(tracker, ud) }
+            {
+                return result;
+            }
             if tracker.live_bytes.get() == 0 {
                 // SAFETY: the state is gone (see above); `tracker` is not used after this.
                 unsafe { drop(Box::from_raw(ud as *mut Tracker)) };

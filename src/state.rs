@@ -51,14 +51,11 @@ pub unsafe fn tracker<'a>(L: *mut lua_State) -> Option<&'a Tracker> {
     }
 }
 
-/// Where new blocks come from unless `LUNET_MEM_ALLOCATOR` (`host` or `mimalloc`) says: mimalloc
-/// on PUC Lua, whose host allocator is the C library's; the host's own allocator on LuaJIT, whose
-/// built-in allocator is fast and must get its arena back at `lua_close` (see [`uninstall`]).
+/// Where new blocks come from: mimalloc, unless `LUNET_MEM_ALLOCATOR=host` says to forward every
+/// call to the host allocator.
 pub fn default_serve() -> Serve {
     match std::env::var("LUNET_MEM_ALLOCATOR").as_deref() {
         Ok("host") => Serve::Host,
-        Ok("mimalloc") => Serve::Mimalloc,
-        _ if cfg!(feature = "luajit") => Serve::Host,
         _ => Serve::Mimalloc,
     }
 }
@@ -85,39 +82,59 @@ pub unsafe fn install<'a>(L: *mut lua_State, serve: Serve) -> &'a Tracker {
         ffi::lua_setallocf(L, hook_for(serve), tracker.cast());
         &*tracker
     };
-    if serve == Serve::Host {
-        // SAFETY: valid state with stack room; allocations from here on are tracked.
-        unsafe {
-            ffi::lua_newuserdata(L, 1);
-            ffi::lua_createtable(L, 0, 1);
-            ffi::lua_pushcfunction(L, uninstall);
-            ffi::lua_setfield(L, -2, c"__gc".as_ptr());
-            ffi::lua_setmetatable(L, -2);
-            ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, SENTINEL_KEY.as_ptr());
-        }
-    }
+    // SAFETY: valid state with stack room; allocations from here on are tracked.
+    unsafe { push_sentinel(L) };
     tracker
 }
 
-/// Finalizer of the sentinel (host mode only): gives the state its own allocator back and frees
-/// the tracker.
+/// Anchors a new sentinel in the registry: a userdata whose finalizer is [`uninstall`].
 ///
-/// Runs inside `lua_close` (every version runs all finalizers there, before freeing the
-/// remaining objects), so the frees that follow go straight to the host allocator, which made
-/// every block. LuaJIT then sees its own allocator again and releases its arena as usual. With
-/// mimalloc serving, blocks must keep coming to the hook, which frees the tracker with the
-/// state's last block instead. If something wrapped our hook in the meantime, it stays too.
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory).
+unsafe fn push_sentinel(L: *mut lua_State) {
+    // SAFETY: valid state.
+    unsafe {
+        ffi::lua_newuserdata(L, 1);
+        ffi::lua_createtable(L, 0, 1);
+        ffi::lua_pushcfunction(L, uninstall);
+        ffi::lua_setfield(L, -2, c"__gc".as_ptr());
+        ffi::lua_setmetatable(L, -2);
+        ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, SENTINEL_KEY.as_ptr());
+    }
+}
+
+/// Finalizer of the sentinel: ends the tracker when the state closes.
+///
+/// Every version runs all finalizers inside `lua_close`, before freeing the remaining objects,
+/// with the main thread as `L`, and the registry still holds the sentinel then. With host
+/// serving, the state gets its own allocator back at once: the frees that follow go straight to
+/// the host allocator, which made every block (and LuaJIT then releases its arena as usual).
+/// With mimalloc serving, blocks must keep coming to the hook until the last mimalloc block is
+/// freed; the tracker is marked closing and the hook does the same then. If the sentinel was
+/// collected without a close (someone cleared its registry entry), a new one takes its place.
 unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
-    let mut ud: *mut c_void = ptr::null_mut();
-    // SAFETY: valid state (called by Lua as a finalizer).
-    let f = unsafe { ffi::lua_getallocf(L, &mut ud) };
-    if hook_kind(f) == Some(Serve::Host) && !ud.is_null() {
-        // SAFETY: `ud` is the Box made by `install`; after `lua_setallocf` nothing reaches it.
-        unsafe {
-            let tracker = Box::from_raw(ud as *mut Tracker);
-            ffi::lua_setallocf(L, tracker.host_alloc, tracker.host_ud);
-            drop(tracker);
+    // SAFETY: valid state (called by Lua as a finalizer, the sentinel at index 1).
+    unsafe {
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, SENTINEL_KEY.as_ptr());
+        let closing = ffi::lua_rawequal(L, -1, 1) != 0;
+        ffi::lua_pop(L, 1);
+        if !closing {
+            ffi::luaL_checkstack(L, 3, ptr::null());
+            push_sentinel(L);
+            return 0;
         }
+        let mut ud: *mut c_void = ptr::null_mut();
+        let f = ffi::lua_getallocf(L, &mut ud);
+        let Some(serve) = hook_kind(f) else { return 0 };
+        let tracker = &*(ud as *const Tracker);
+        if serve == Serve::Mimalloc && tracker.mi_blocks.get() > 0 {
+            tracker.closing.set(L);
+            return 0;
+        }
+        // `ud` is the Box made by `install`; after `lua_setallocf` nothing reaches it.
+        let tracker = Box::from_raw(ud as *mut Tracker);
+        ffi::lua_setallocf(L, tracker.host_alloc, tracker.host_ud);
+        drop(tracker);
     }
     0
 }
