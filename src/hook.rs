@@ -6,7 +6,7 @@
 //! thread at a time, so the counters are plain `Cell`s: no locks, no atomics.
 
 use std::cell::Cell;
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::ptr;
 use std::rc::Rc;
 
@@ -25,6 +25,9 @@ pub type LuaAlloc = unsafe extern "C" fn(
 /// Number of slots in the per-type tables: the type tag Lua 5.2+ passes in `osize` is masked with
 /// `TYPE_SLOTS - 1` (its low 4 bits are the basic type).
 pub const TYPE_SLOTS: usize = 16;
+
+/// Slots of the scope-name cache.
+const NAME_CACHE_SLOTS: usize = 16;
 
 /// Counters of one Lua state's allocations since the tracker was installed.
 ///
@@ -58,6 +61,11 @@ pub struct Tracker {
     pub type_bytes: [Cell<u64>; TYPE_SLOTS],
     /// Live blocks that came from mimalloc (mimalloc serving only).
     pub mi_blocks: Cell<u64>,
+    /// Registry reference of the weak-keyed table `thread -> ThreadScopes userdata`.
+    pub threads_ref: Cell<c_int>,
+    /// Recently used scope names, by the address of their Lua string's bytes (checked against
+    /// the bytes on use: an address can be reused by another string).
+    name_cache: [Cell<Option<(usize, Rc<str>)>>; NAME_CACHE_SLOTS],
     /// The closing state's main thread, set by the sentinel's finalizer in `lua_close` when
     /// mimalloc blocks are still live: the hook gives the state its own allocator back when the
     /// last of them is freed (see `crate::state::uninstall`). Null otherwise.
@@ -85,6 +93,8 @@ impl Tracker {
             type_allocs: Default::default(),
             type_bytes: Default::default(),
             mi_blocks: Cell::new(0),
+            threads_ref: Cell::new(0),
+            name_cache: Default::default(),
             closing: Cell::new(ptr::null_mut()),
             active: Cell::new(ptr::null()),
             active_owner: Cell::new(None),
@@ -95,6 +105,21 @@ impl Tracker {
     /// known, so this can be negative).
     pub fn net_blocks(&self) -> i64 {
         self.allocs.get() as i64 - self.frees.get() as i64
+    }
+
+    /// The name for a scope from the bytes of a Lua string at address `key`, shared with the
+    /// last scopes that had the same name (no allocation for a route name seen recently).
+    pub fn scope_name(&self, key: usize, bytes: &[u8]) -> Rc<str> {
+        let slot = &self.name_cache[(key >> 4) % NAME_CACHE_SLOTS];
+        if let Some((cached_key, name)) = slot.take() {
+            if cached_key == key && name.as_bytes() == bytes {
+                slot.set(Some((key, name.clone())));
+                return name;
+            }
+        }
+        let name: Rc<str> = String::from_utf8_lossy(bytes).into();
+        slot.set(Some((key, name.clone())));
+        name
     }
 
     pub fn reset_peak(&self) {

@@ -8,6 +8,11 @@ pub mod state;
 
 use std::ffi::c_int;
 
+/// The library's own Rust allocations (scopes, checkpoints) come from mimalloc too: the same
+/// allocator the hook serves Lua's blocks from.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use mlua::ffi::{self, lua_State};
 
 /// The Lua half of the module (argument checking, neutrality checks, coroutine wrappers),

@@ -19,8 +19,6 @@ use crate::state;
 const CHECKPOINT_MT: &CStr = c"lunet.mem.checkpoint";
 const SCOPE_MT: &CStr = c"lunet.mem.scope";
 const THREAD_SCOPES_MT: &CStr = c"lunet.mem.thread_scopes";
-/// Registry key of the weak-keyed table `thread -> ThreadScopes userdata`.
-const THREADS_KEY: &CStr = c"lunet.mem.threads";
 /// Registry key of the table of functions mem.lua replaced (`coroutine.resume`, ...).
 const SAVED_KEY: &CStr = c"lunet.mem.saved";
 
@@ -426,7 +424,8 @@ unsafe extern "C-unwind" fn l_is_checkpoint(L: *mut lua_State) -> c_int {
 /// created if `create` is set.
 ///
 /// # Safety
-/// `L` valid with 4 free slots. May raise (memory) only when `create` is set.
+/// `L` valid with 4 free slots, the tracker installed. May raise (memory) only when `create`
+/// is set.
 unsafe fn thread_scopes<'a>(
     L: *mut lua_State,
     idx: c_int,
@@ -439,7 +438,8 @@ unsafe fn thread_scopes<'a>(
         } else {
             ffi::lua_absindex(L, idx)
         };
-        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, THREADS_KEY.as_ptr());
+        let t = check_tracker(L);
+        ffi::lua_rawgeti(L, ffi::LUA_REGISTRYINDEX, t.threads_ref.get() as _);
         if idx == 0 {
             ffi::lua_pushthread(L);
         } else {
@@ -447,9 +447,11 @@ unsafe fn thread_scopes<'a>(
         }
         ffi::lua_pushvalue(L, -1);
         ffi::lua_rawget(L, -3);
-        if let Some(ts) = to_boxed::<ThreadScopes>(L, -1, THREAD_SCOPES_MT) {
+        // Only this module writes to the table, and only ThreadScopes userdata.
+        let slot = ffi::lua_touserdata(L, -1) as *mut *mut ThreadScopes;
+        if !slot.is_null() && !(*slot).is_null() {
             ffi::lua_pop(L, 3);
-            return Some(ts);
+            return Some(&mut **slot);
         }
         ffi::lua_pop(L, 1);
         if !create {
@@ -464,23 +466,71 @@ unsafe fn thread_scopes<'a>(
     }
 }
 
-/// `core.scope_open(name)`: opens a scope in the running thread and makes it active. Returns a
-/// token (light userdata) for `scope_close`.
-unsafe extern "C-unwind" fn l_scope_open(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua; the only allocations (thread table, name) happen before the scope
-    // is made active, and nothing with a destructor is alive when they may raise.
+/// Opens a scope named by the string at `name_idx` (or "scope") in the running thread and makes
+/// it active; returns its token (the scope's address).
+///
+/// # Safety
+/// `L` valid with 4 free slots, `t` its tracker. The only allocations (the thread's scope
+/// record, the name) happen before the scope is active; nothing with a destructor is alive when
+/// they may raise.
+unsafe fn open_scope(L: *mut lua_State, t: &Tracker, name_idx: c_int) -> *const Scope {
+    // SAFETY: forwarded contract.
     unsafe {
-        let t = check_tracker(L);
         let ts = thread_scopes(L, 0, true).expect("created");
-        let name = to_string(L, 1).unwrap_or_else(|| "scope".into());
+        let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
+            let mut len = 0usize;
+            let p = ffi::lua_tolstring(L, name_idx, &mut len);
+            t.scope_name(p as usize, std::slice::from_raw_parts(p as *const u8, len))
+        } else {
+            Rc::from("scope")
+        };
         let parent = t.active_scope();
         if ts.stack.is_empty() {
             ts.base = parent.clone();
         }
         let scope = Rc::new(Scope::new(name, parent));
-        ffi::lua_pushlightuserdata(L, Rc::as_ptr(&scope) as *mut c_void);
+        let token = Rc::as_ptr(&scope);
         ts.stack.push(scope.clone());
         t.set_active_scope(Some(scope));
+        token
+    }
+}
+
+/// Closes the running thread's innermost scope, which must be `token`, and makes the scope it
+/// inherits active again; pushes the scope's stats table if `want_stats`.
+///
+/// # Safety
+/// `L` valid with 4 free slots, `t` its tracker. Raises if `token` is not the innermost scope
+/// (a bug of this module) or, with `want_stats`, on a memory error (leaking that one scope,
+/// never freeing it early).
+unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_stats: bool) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let top = match thread_scopes(L, 0, false) {
+            Some(ts) if ts.stack.last().is_some_and(|s| Rc::as_ptr(s) == token) => {
+                let top = ts.stack.pop().expect("checked");
+                top.closed.set(true);
+                t.set_active_scope(ts.effective());
+                top
+            }
+            _ => raise(L, "lunet.mem: scope closed out of order".into()),
+        };
+        if want_stats {
+            let scope = Rc::into_raw(top);
+            push_scope_stats(L, &*scope);
+            drop(Rc::from_raw(scope));
+        }
+    }
+}
+
+/// `core.scope_open(name)`: opens a scope in the running thread and makes it active. Returns a
+/// token (light userdata) for `scope_close`.
+unsafe extern "C-unwind" fn l_scope_open(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let token = open_scope(L, t, 1);
+        ffi::lua_pushlightuserdata(L, token as *mut c_void);
     }
     1
 }
@@ -520,24 +570,9 @@ unsafe extern "C-unwind" fn l_scope_close(L: *mut lua_State) -> c_int {
         let t = check_tracker(L);
         let token = ffi::lua_touserdata(L, 1) as *const Scope;
         let want_stats = ffi::lua_toboolean(L, 2) != 0;
-        let top = match thread_scopes(L, 0, false) {
-            Some(ts) if ts.stack.last().is_some_and(|s| Rc::as_ptr(s) == token) => {
-                let top = ts.stack.pop().expect("checked");
-                top.closed.set(true);
-                t.set_active_scope(ts.effective());
-                top
-            }
-            _ => raise(L, "lunet.mem: scope closed out of order".into()),
-        };
-        if !want_stats {
-            return 0;
-        }
-        // Only a memory error can raise here; it would leak this one scope, never free it early.
-        let scope = Rc::into_raw(top);
-        push_scope_stats(L, &*scope);
-        drop(Rc::from_raw(scope));
+        close_scope(L, t, token, want_stats);
+        want_stats as c_int
     }
-    1
 }
 
 /// `core.current()`: the active scope as a scope object, or nil.
@@ -691,17 +726,14 @@ unsafe extern "C-unwind" fn l_co_leave(L: *mut lua_State) -> c_int {
 pub unsafe fn push_core(L: *mut lua_State) {
     // SAFETY: valid state.
     unsafe {
-        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, THREADS_KEY.as_ptr());
-        if ffi::lua_type(L, -1) != ffi::LUA_TTABLE {
-            ffi::lua_pop(L, 1);
+        let t = check_tracker(L);
+        if t.threads_ref.get() == 0 {
             ffi::lua_createtable(L, 0, 4);
             ffi::lua_createtable(L, 0, 1);
             push_str(L, "k");
             ffi::lua_setfield(L, -2, c"__mode".as_ptr());
             ffi::lua_setmetatable(L, -2);
-            ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, THREADS_KEY.as_ptr());
-        } else {
-            ffi::lua_pop(L, 1);
+            t.threads_ref.set(ffi::luaL_ref(L, ffi::LUA_REGISTRYINDEX));
         }
         new_metatable::<ThreadScopes>(L, THREAD_SCOPES_MT);
         ffi::lua_pop(L, 1);
@@ -742,6 +774,16 @@ pub unsafe fn push_core(L: *mut lua_State) {
         for (name, f) in functions {
             ffi::lua_pushcfunction(L, f);
             ffi::lua_setfield(L, -2, name.as_ptr());
+        }
+        #[cfg(any(
+            feature = "lua51",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        ))]
+        {
+            ffi::lua_pushcfunction(L, l_make_scope);
+            ffi::lua_setfield(L, -2, c"make_scope".as_ptr());
         }
         ffi::lua_pushvalue(L, saved);
         ffi::lua_setfield(L, -2, c"saved".as_ptr());
@@ -902,5 +944,180 @@ unsafe extern "C-unwind" fn l_measured_call(L: *mut lua_State) -> c_int {
         ffi::lua_pushvalue(L, 2);
         ffi::lua_call(L, 2, ffi::LUA_MULTRET);
         ffi::lua_gettop(L) - 2
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mem.scope in C (PUC Lua 5.1, 5.3, 5.4, 5.5)
+//
+// The Lua version in mem.lua costs a few thousand VM instructions per call (varargs, pcall,
+// select); this one calls `fn` with `lua_pcallk` and a continuation, so that `fn` can still
+// yield inside the scope (5.3+). LuaJIT keeps the Lua version: it cannot yield across a C
+// function, but can across its own `pcall`.
+
+/// The error Lua 5.1 raises when `fn` yields inside the scope.
+#[cfg(feature = "lua51")]
+const YIELD_ERROR: &[u8] = b"attempt to yield across metamethod/C-call boundary";
+
+/// `core.make_scope(prepare, names)`: the C `mem.scope`, with the Lua function that checks the
+/// arguments of the general forms (`prepare(a, b)` returns `name, on_exit, fn_index`) and the
+/// weak table of default names by function.
+#[cfg(any(
+    feature = "lua51",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+unsafe extern "C-unwind" fn l_make_scope(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua with two values, kept as upvalues.
+    unsafe {
+        ffi::lua_settop(L, 2);
+        ffi::lua_pushcclosure(L, l_scope, 2);
+    }
+    1
+}
+
+/// `mem.scope([name or opts,] fn, ...)`.
+///
+/// Stack while `fn` runs, from `base` (the number of arguments): `base+1` name, `base+2`
+/// on_exit (or nil), `base+3` token, then `fn`'s call; its results follow `base+3`.
+#[cfg(any(
+    feature = "lua51",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; errors raised before the scope opens leave nothing behind.
+    unsafe {
+        let t = check_tracker(L);
+        let base = ffi::lua_gettop(L);
+        ffi::luaL_checkstack(L, base + 8, c"too many arguments".as_ptr());
+        let fn_at = match (ffi::lua_type(L, 1), ffi::lua_type(L, 2)) {
+            (ffi::LUA_TSTRING, ffi::LUA_TFUNCTION) => {
+                ffi::lua_pushvalue(L, 1);
+                ffi::lua_pushnil(L);
+                2
+            }
+            (first, _) => {
+                // A function whose default name is known already.
+                if first == ffi::LUA_TFUNCTION {
+                    ffi::lua_pushvalue(L, 1);
+                    ffi::lua_rawget(L, ffi::lua_upvalueindex(2));
+                } else {
+                    ffi::lua_pushnil(L);
+                }
+                if ffi::lua_type(L, -1) == ffi::LUA_TSTRING {
+                    ffi::lua_pushnil(L);
+                    1
+                } else {
+                    ffi::lua_pop(L, 1);
+                    ffi::lua_pushvalue(L, ffi::lua_upvalueindex(1));
+                    for i in 1..=2 {
+                        if i <= base {
+                            ffi::lua_pushvalue(L, i);
+                        } else {
+                            ffi::lua_pushnil(L);
+                        }
+                    }
+                    ffi::lua_call(L, 2, 3);
+                    let at = ffi::lua_tointeger(L, -1) as c_int;
+                    ffi::lua_pop(L, 1);
+                    at
+                }
+            }
+        };
+        let token = open_scope(L, t, base + 1);
+        ffi::lua_pushlightuserdata(L, token as *mut c_void);
+        for i in fn_at..=base {
+            ffi::lua_pushvalue(L, i);
+        }
+        let nargs = base - fn_at;
+        #[cfg(feature = "lua51")]
+        let status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
+        #[cfg(not(feature = "lua51"))]
+        let status = ffi::lua_pcallk(
+            L,
+            nargs,
+            ffi::LUA_MULTRET,
+            0,
+            base as ffi::lua_KContext,
+            Some(scope_k),
+        );
+        scope_finish(L, status, base)
+    }
+}
+
+/// Continuation of `l_scope` after `fn` yielded (5.3+).
+#[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
+unsafe extern "C-unwind" fn scope_k(
+    L: *mut lua_State,
+    status: c_int,
+    ctx: ffi::lua_KContext,
+) -> c_int {
+    // SAFETY: called by Lua with the stack `l_scope` left.
+    unsafe { scope_finish(L, status, ctx as c_int) }
+}
+
+/// Closes the scope, runs `on_exit`, and returns `fn`'s results or raises its error unchanged.
+///
+/// # Safety
+/// The stack as `l_scope` describes it, `status` the outcome of the protected call.
+#[cfg(any(
+    feature = "lua51",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+unsafe fn scope_finish(L: *mut lua_State, status: c_int, base: c_int) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let ok = status == ffi::LUA_OK || status == ffi::LUA_YIELD;
+        let t = check_tracker(L);
+        let token = ffi::lua_touserdata(L, base + 3) as *const Scope;
+        let on_exit = ffi::lua_type(L, base + 2) != ffi::LUA_TNIL;
+        ffi::luaL_checkstack(L, 6, ptr::null());
+        if on_exit {
+            ffi::lua_pushvalue(L, base + 2);
+            close_scope(L, t, token, true);
+            if ok {
+                ffi::lua_call(L, 1, 0);
+            } else if ffi::lua_pcall(L, 1, 0, 0) != ffi::LUA_OK {
+                ffi::lua_pop(L, 1); // fn's error wins over on_exit's
+            }
+        } else {
+            close_scope(L, t, token, false);
+        }
+        if ok {
+            return ffi::lua_gettop(L) - (base + 3);
+        }
+        #[cfg(feature = "lua51")]
+        if let Some(msg) = to_bytes(L, -1) {
+            if msg == YIELD_ERROR {
+                ffi::lua_pushstring(
+                    L,
+                    c" (Lua 5.1 cannot yield inside mem.scope; use LuaJIT or Lua 5.2+)".as_ptr(),
+                );
+                ffi::lua_concat(L, 2);
+            }
+        }
+        ffi::lua_error(L)
+    }
+}
+
+/// The bytes of the string at `idx`, if it is a string.
+///
+/// # Safety
+/// `L` valid, `idx` acceptable; the slice lives while the value stays on the stack.
+#[cfg(feature = "lua51")]
+unsafe fn to_bytes<'a>(L: *mut lua_State, idx: c_int) -> Option<&'a [u8]> {
+    // SAFETY: valid state; only real strings are read.
+    unsafe {
+        if ffi::lua_type(L, idx) != ffi::LUA_TSTRING {
+            return None;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(L, idx, &mut len);
+        Some(std::slice::from_raw_parts(p as *const u8, len))
     }
 }

@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 /// One scope and its counters (see the `scope:stats()` fields in the README).
 pub struct Scope {
-    pub name: String,
+    pub name: Rc<str>,
     pub allocs: Cell<u64>,
     pub frees: Cell<u64>,
     pub reallocs: Cell<u64>,
@@ -30,7 +30,7 @@ pub struct Scope {
 }
 
 impl Scope {
-    pub fn new(name: String, parent: Option<Rc<Scope>>) -> Scope {
+    pub fn new(name: Rc<str>, parent: Option<Rc<Scope>>) -> Scope {
         let parent_ptr = parent.as_ref().map_or(ptr::null(), Rc::as_ptr);
         Scope {
             name,

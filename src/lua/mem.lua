@@ -360,6 +360,28 @@ function M.scope(a, ...)
   argerror(1, "scope", "function expected, got " .. typename(a), 2)
 end
 
+-- On PUC Lua (but 5.2) mem.scope is C (src/lua_api.rs, `l_scope`); this checks the arguments of
+-- its general forms and returns `name, on_exit, index of fn`.
+local function prepare(a, b)
+  local ta = type(a)
+  if ta == "string" then
+    if not is_callable(b) then
+      argerror(2, "scope", "function expected, got " .. typename(b), 3)
+    end
+    return a, nil, 2
+  elseif ta == "table" and not is_callable(a) then
+    check_opts(a, 1, "scope", SCOPE_OPTS, 3)
+    if not is_callable(b) then
+      argerror(2, "scope", "function expected, got " .. typename(b), 3)
+    end
+    return a.name or default_name(b), a.on_exit, 2
+  elseif is_callable(a) then
+    return default_name(a), nil, 1
+  end
+  argerror(1, "scope", "function expected, got " .. typename(a), 3)
+end
+if core.make_scope then M.scope = core.make_scope(prepare, names) end
+
 local SCOPE_METHODS = { stats = core.scope_stats }
 local scope_mt = core.scope_mt
 scope_mt.__index = function(scope, k)
