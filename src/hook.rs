@@ -29,6 +29,9 @@ pub const TYPE_SLOTS: usize = 16;
 /// Slots of the scope-name cache.
 const NAME_CACHE_SLOTS: usize = 16;
 
+/// A scope name and the address of the Lua string it was made from.
+type CachedName = (usize, Rc<str>);
+
 /// Counters of one Lua state's allocations since the tracker was installed.
 ///
 /// `live_bytes` always equals the state's own count (`collectgarbage("count") * 1024`): it starts
@@ -65,7 +68,7 @@ pub struct Tracker {
     pub threads_ref: Cell<c_int>,
     /// Recently used scope names, by the address of their Lua string's bytes (checked against
     /// the bytes on use: an address can be reused by another string).
-    name_cache: [Cell<Option<(usize, Rc<str>)>>; NAME_CACHE_SLOTS],
+    name_cache: [Cell<Option<CachedName>>; NAME_CACHE_SLOTS],
     /// The closing state's main thread, set by the sentinel's finalizer in `lua_close` when
     /// mimalloc blocks are still live: the hook gives the state its own allocator back when the
     /// last of them is freed (see `crate::state::uninstall`). Null otherwise.
