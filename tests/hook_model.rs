@@ -187,7 +187,7 @@ fn run(ops: Vec<Op>, serve: Serve) {
             Op::OpenScope => {
                 let parent = active;
                 let real = Rc::new(Scope::new(
-                    format!("s{}", scopes.len()),
+                    format!("s{}", scopes.len()).into(),
                     tracker.active_scope(),
                 ));
                 tracker.set_active_scope(Some(real.clone()));
