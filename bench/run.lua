@@ -32,9 +32,9 @@ local function median(xs)
 end
 
 -- The allocator the module uses unless told (see src/state.rs: default_serve).
-local default = interpreter:find("luajit") and "host" or "mimalloc"
+local default = "mimalloc"
 
-print(("%-8s %-8s %9s %11s %11s %11s   (default allocator: host on LuaJIT, mimalloc on PUC Lua)")
+print(("%-8s %-8s %9s %11s %11s %11s")
   :format("interp", "workload", "bare (s)", "host/bare", "mimalloc/b", "scope/bare"))
 for _, workload in ipairs(workloads) do
   local times = { bare = {}, host = {}, mimalloc = {}, scope = {} }
