@@ -61,15 +61,17 @@ check "cargo clippy (lua54,vendored, tests)" cargo clippy --locked --no-default-
   --features lua54,vendored --all-targets --target-dir target/vendored-lua54 -- -D warnings
 check "luacheck" luacheck --no-color src/lua lua spec examples bench
 
-echo "== rust tests (mlua's vendored Lua)"
+echo "== rust tests (mlua's vendored Lua), with each allocator"
 for f in lua54 luajit; do
-  log="$log_dir/cargo-test-$f.log"
-  cargo test --locked --no-default-features --features "$f,vendored" --target-dir "target/vendored-$f" \
-    >"$log" 2>&1
-  p=$(grep -Eo "test result: [a-zA-Z]+\. [0-9]+ passed" "$log" | awk '{s += $4} END {print s + 0}')
-  f_=$(grep -Eo "[0-9]+ failed" "$log" | awk '{s += $1} END {print s + 0}')
-  if ! grep -q "test result" "$log"; then f_=1; fi
-  count "cargo test ($f,vendored)" "$p" "$f_" "$log"
+  for allocator in mimalloc host; do
+    log="$log_dir/cargo-test-$f-$allocator.log"
+    LUNET_MEM_ALLOCATOR=$allocator cargo test --locked --no-default-features --features "$f,vendored" \
+      --target-dir "target/vendored-$f" >"$log" 2>&1
+    p=$(grep -Eo "test result: [a-zA-Z]+\. [0-9]+ passed" "$log" | awk '{s += $4} END {print s + 0}')
+    f_=$(grep -Eo "[0-9]+ failed" "$log" | awk '{s += $1} END {print s + 0}')
+    if ! grep -q "test result" "$log"; then f_=1; fi
+    count "cargo test ($f,vendored, $allocator)" "$p" "$f_" "$log"
+  done
 done
 
 echo "== luarocks make + busted"
@@ -80,13 +82,19 @@ for lua in "${interpreters[@]}"; do
     continue
   fi
   check "luarocks make ($lua)" true
-  log="$log_dir/busted-$lua.log"
-  (eval "$env_line"; export LUNET_MEM_LUA=$lua; busted --lua="$lua" -o TAP) >"$log" 2>&1
-  p=$(grep -cE "^ok [0-9]+" "$log" | tr -d ' ')
-  s=$(grep -cE "^ok [0-9]+.*# SKIP" "$log" | tr -d ' ')
-  f_=$(grep -cE "^not ok [0-9]+" "$log" | tr -d ' ')
-  count "busted ($lua)" "$((p - s))" "$f_" "$log"
-  check "example ($lua)" bash -c "$env_line; $lua examples/demo.lua | tee /dev/stderr | grep -q 'leak in \"GET /leaky\"'"
+  allocators=(mimalloc)
+  case "$lua" in luajit|lua5.4) allocators+=(host) ;; esac
+  for allocator in "${allocators[@]}"; do
+    log="$log_dir/busted-$lua-$allocator.log"
+    (eval "$env_line"; export LUNET_MEM_LUA=$lua LUNET_MEM_ALLOCATOR=$allocator
+     busted --lua="$lua" -o TAP) >"$log" 2>&1
+    p=$(grep -cE "^ok [0-9]+" "$log" | tr -d ' ')
+    s=$(grep -cE "^ok [0-9]+.*# SKIP" "$log" | tr -d ' ')
+    f_=$(grep -cE "^not ok [0-9]+" "$log" | tr -d ' ')
+    count "busted ($lua, $allocator)" "$((p - s))" "$f_" "$log"
+  done
+  check "demo ($lua)" bash -c "$env_line; $lua examples/demo.lua | tee /dev/stderr | grep -q 'leak in \"GET /leaky\"'"
+  check "quick example ($lua)" bash -c "$env_line; $lua examples/quick.lua | tee /dev/stderr | grep -q 'leak in \"GET /users\"'"
 done
 
 rm -rf "$log_dir"
