@@ -23,7 +23,8 @@ describe("scopes and coroutines", function()
       assert.are.equal("dead", coroutine.status(co))
     end)
 
-    it("do not count other coroutines' allocations while suspended", function()
+    -- (with LuaJIT's compiler off: what the recorder allocates counts for the active scope)
+    it("do not count other coroutines' allocations while suspended", helpers.without_jit(function()
       local scope
       local co = coroutine.wrap(function()
         mem.scope("suspended", function()
@@ -41,7 +42,7 @@ describe("scopes and coroutines", function()
       assert.is_true(after.allocs - before.allocs < 10)
       assert.is_true(after.net_bytes - before.net_bytes < 500)
       co()
-    end)
+    end))
 
     it("attribute interleaved requests to their own scopes, as if run alone", function()
       local function handler(n)
