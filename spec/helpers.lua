@@ -64,5 +64,8 @@ function helpers.raises(text, fn, ...)
     "expected an error containing:\n  " .. text .. "\ngot:\n  " .. tostring(err))
   return err
 end
+-- Debian's LuaJIT 2.1.0-beta3 once passed this function's varargs on as empty (1 run in ~50 of
+-- the suite, not reproduced alone): it runs interpreted; the code it calls stays compiled.
+if helpers.is_jit then jit.off(helpers.raises) end
 
 return helpers
