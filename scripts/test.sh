@@ -3,8 +3,9 @@
 #   bash scripts/test.sh
 # Installs what it needs (scripts/setup.sh), then runs: cargo fmt, clippy for every Lua
 # feature, luacheck, the Rust tests on mlua's vendored LuaJIT and Lua 5.4, `luarocks make` and
-# the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and the example on each. Ends with one
-# line: "N passed, N failed", counting every test of every suite.
+# the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and the examples on each, the C API's
+# proof (scripts/c-tests.sh: plain, ASan, valgrind, misuse) and the Lua 5.4 specs under
+# valgrind. Ends with one line: "N passed, N failed", counting every test of every suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -96,6 +97,16 @@ for lua in "${interpreters[@]}"; do
   check "demo ($lua)" bash -c "$env_line; $lua examples/demo.lua | tee /dev/stderr | grep -q 'leak in \"GET /leaky\"'"
   check "quick example ($lua)" bash -c "$env_line; $lua examples/quick.lua | tee /dev/stderr | grep -q 'leak in \"GET /users\"'"
 done
+
+echo "== the C API (tests/c): plain, ASan + LSan, valgrind, misuse; the Lua specs under valgrind"
+for mode in plain asan valgrind misuse; do
+  check "c-tests $mode" bash scripts/c-tests.sh "$mode"
+done
+env_line=$(bash scripts/rock.sh lua5.4 2>/dev/null)
+check "busted (lua5.4) under valgrind" bash -c "$env_line; export LUNET_MEM_LUA=lua5.4
+  valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
+    lua5.4 /usr/bin/busted -o TAP >/tmp/lunet-mem-valgrind.log 2>&1 || { tail -40 /tmp/lunet-mem-valgrind.log; exit 1; }
+  ! grep -q '^not ok' /tmp/lunet-mem-valgrind.log"
 
 rm -rf "$log_dir"
 echo

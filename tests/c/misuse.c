@@ -1,0 +1,45 @@
+/*
+** Bad use of the C API must print what happened and where, then abort (never corrupt memory
+** silently). scripts/c-tests.sh runs each case and checks the message.
+**
+**   misuse double-free|foreign-free|end-without-begin|escape|escape-then-free|leak
+*/
+#define LUNET_TRACE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lunet_mem.h"
+
+int main(int argc, char **argv) {
+    const char *what = argc > 1 ? argv[1] : "";
+    if (strcmp(what, "double-free") == 0) {
+        void *p = lunet_malloc(10);
+        lunet_free(p);
+        lunet_free(p);
+    } else if (strcmp(what, "foreign-free") == 0) {
+        void *p = malloc(64);
+        lunet_free(p);
+    } else if (strcmp(what, "end-without-begin") == 0) {
+        lunet_worker_arena_end();
+    } else if (strcmp(what, "escape") == 0) {
+        lunet_worker_arena_begin(1024);
+        void *kept = lunet_malloc(48);
+        (void)kept;
+        lunet_worker_arena_end();
+    } else if (strcmp(what, "escape-then-free") == 0) {
+        lunet_worker_arena_begin(1024);
+        void *kept = lunet_malloc(48);
+        lunet_mem_arena_end_at(1, __FILE__, __LINE__); /* allowed: reported, not fatal */
+        lunet_free(kept);
+    } else if (strcmp(what, "leak") == 0) {
+        lunet_mem_checkpoint_t cp = lunet_mem_checkpoint();
+        void *kept = lunet_malloc(100);
+        (void)kept;
+        lunet_mem_assert_neutral(&cp, "request 42");
+    } else {
+        fprintf(stderr, "misuse: unknown case '%s'\n", what);
+        return 2;
+    }
+    return 0; /* not reached for the bad uses */
+}
