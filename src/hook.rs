@@ -159,12 +159,7 @@ impl Tracker {
         self.allocs.set(self.allocs.get() + 1);
         self.bytes_allocated
             .set(self.bytes_allocated.get() + nsize as u64);
-        if cfg!(any(
-            feature = "lua52",
-            feature = "lua53",
-            feature = "lua54",
-            feature = "lua55"
-        )) {
+        if cfg!(type_tags) {
             let slot = tag & (TYPE_SLOTS - 1);
             self.type_allocs[slot].set(self.type_allocs[slot].get() + 1);
             self.type_bytes[slot].set(self.type_bytes[slot].get() + nsize as u64);

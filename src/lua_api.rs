@@ -211,15 +211,7 @@ unsafe fn to_string(L: *mut lua_State, idx: c_int) -> Option<String> {
 // Stats
 
 /// A copy of the tracker's counters, taken before anything is allocated for the result.
-#[cfg_attr(
-    not(any(
-        feature = "lua52",
-        feature = "lua53",
-        feature = "lua54",
-        feature = "lua55"
-    )),
-    allow(dead_code)
-)]
+#[cfg_attr(not(type_tags), allow(dead_code))]
 struct Snapshot {
     live_bytes: u64,
     peak_bytes: u64,
@@ -252,14 +244,9 @@ impl Snapshot {
 
 /// Names of the type slots (the low 4 bits of Lua 5.2+'s tag; slot 0 is memory that is not an
 /// object: arrays, buffers, stacks).
-#[cfg(any(
-    feature = "lua52",
-    feature = "lua53",
-    feature = "lua54",
-    feature = "lua55"
-))]
+#[cfg(type_tags)]
 fn type_slot_name(slot: usize) -> Option<&'static CStr> {
-    let lua54_order = cfg!(any(feature = "lua54", feature = "lua55"));
+    let lua54_order = cfg!(lua54_gc);
     Some(match slot {
         0 => c"other",
         4 => c"string",
@@ -290,12 +277,7 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
         set_int(L, c"bytes_freed", s.bytes_freed as i64);
         set_int(L, c"baseline_bytes", s.baseline_bytes as i64);
         set_int(L, c"net_blocks", s.allocs as i64 - s.frees as i64);
-        #[cfg(any(
-            feature = "lua52",
-            feature = "lua53",
-            feature = "lua54",
-            feature = "lua55"
-        ))]
+        #[cfg(type_tags)]
         {
             ffi::lua_createtable(L, 0, 8);
             ffi::lua_createtable(L, 0, 8);
@@ -775,12 +757,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
             ffi::lua_pushcfunction(L, f);
             ffi::lua_setfield(L, -2, name.as_ptr());
         }
-        #[cfg(any(
-            feature = "lua51",
-            feature = "lua53",
-            feature = "lua54",
-            feature = "lua55"
-        ))]
+        #[cfg(c_scope)]
         {
             ffi::lua_pushcfunction(L, l_make_scope);
             ffi::lua_setfield(L, -2, c"make_scope".as_ptr());
@@ -894,7 +871,7 @@ unsafe fn push_thread(L: *mut lua_State, co: *mut lua_State) {
 /// shrink it to twice the use. Lua 5.3 always shrinks to a size computed from the use; 5.1 and
 /// LuaJIT halve a stack used below 1/4, which no growth can make canonical: nothing is done.
 unsafe extern "C-unwind" fn l_stretch(L: *mut lua_State) -> c_int {
-    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    #[cfg(lua54_gc)]
     // SAFETY: called by Lua; `lua_checkstack` reports failure instead of raising.
     unsafe {
         let mut ar: ffi::lua_Debug = mem::zeroed();
@@ -905,7 +882,7 @@ unsafe extern "C-unwind" fn l_stretch(L: *mut lua_State) -> c_int {
         // A frame uses at most 255 slots (Lua) or its values + LUA_MINSTACK (C).
         ffi::lua_checkstack(L, (depth + 2) * 3 * 256);
     }
-    #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+    #[cfg(not(lua54_gc))]
     let _ = L;
     0
 }
@@ -962,12 +939,7 @@ const YIELD_ERROR: &[u8] = b"attempt to yield across metamethod/C-call boundary"
 /// `core.make_scope(prepare, names)`: the C `mem.scope`, with the Lua function that checks the
 /// arguments of the general forms (`prepare(a, b)` returns `name, on_exit, fn_index`) and the
 /// weak table of default names by function.
-#[cfg(any(
-    feature = "lua51",
-    feature = "lua53",
-    feature = "lua54",
-    feature = "lua55"
-))]
+#[cfg(c_scope)]
 unsafe extern "C-unwind" fn l_make_scope(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua with two values, kept as upvalues.
     unsafe {
@@ -981,12 +953,7 @@ unsafe extern "C-unwind" fn l_make_scope(L: *mut lua_State) -> c_int {
 ///
 /// Stack while `fn` runs, from `base` (the number of arguments): `base+1` name, `base+2`
 /// on_exit (or nil), `base+3` token, then `fn`'s call; its results follow `base+3`.
-#[cfg(any(
-    feature = "lua51",
-    feature = "lua53",
-    feature = "lua54",
-    feature = "lua55"
-))]
+#[cfg(c_scope)]
 unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; errors raised before the scope opens leave nothing behind.
     unsafe {
@@ -1049,7 +1016,7 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
 }
 
 /// Continuation of `l_scope` after `fn` yielded (5.3+).
-#[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
+#[cfg(all(c_scope, not(feature = "lua51")))]
 unsafe extern "C-unwind" fn scope_k(
     L: *mut lua_State,
     status: c_int,
@@ -1063,12 +1030,7 @@ unsafe extern "C-unwind" fn scope_k(
 ///
 /// # Safety
 /// The stack as `l_scope` describes it, `status` the outcome of the protected call.
-#[cfg(any(
-    feature = "lua51",
-    feature = "lua53",
-    feature = "lua54",
-    feature = "lua55"
-))]
+#[cfg(c_scope)]
 unsafe fn scope_finish(L: *mut lua_State, status: c_int, base: c_int) -> c_int {
     // SAFETY: forwarded contract.
     unsafe {

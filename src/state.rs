@@ -17,14 +17,14 @@ const SENTINEL_KEY: &std::ffi::CStr = c"lunet.mem.sentinel";
 pub unsafe fn gc_count_bytes(L: *mut lua_State) -> u64 {
     // SAFETY: plain API calls on a valid state; LUA_GCCOUNT(B) never allocate.
     let (kib, bytes) = unsafe {
-        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        #[cfg(lua54_gc)]
         {
             (
                 ffi::lua_gc(L, ffi::LUA_GCCOUNT),
                 ffi::lua_gc(L, ffi::LUA_GCCOUNTB),
             )
         }
-        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+        #[cfg(not(lua54_gc))]
         {
             (
                 ffi::lua_gc(L, ffi::LUA_GCCOUNT, 0),
