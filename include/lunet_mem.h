@@ -43,6 +43,11 @@ int lunet_mem_install(lua_State *L);
 ** lua_resume(co, L, nargs, nres): L is the running thread (the "from" state). */
 int lunet_mem_resume(lua_State *L, lua_State *co, int nargs, int *nres);
 
+/* The same as two calls around the runtime's own lua_resume: lunet_mem_enter before (returns 1
+** when lunet_mem_leave must follow), lunet_mem_leave after it returned (yield, end or error). */
+int lunet_mem_enter(lua_State *L, lua_State *co);
+void lunet_mem_leave(lua_State *L, lua_State *co);
+
 /* Bytes the state has allocated (mem.stats().live_bytes), or -1 if the tracker is not
 ** installed on it. */
 int64_t lunet_mem_live_bytes(lua_State *L);

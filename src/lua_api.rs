@@ -811,10 +811,45 @@ unsafe extern "C-unwind" fn l_version(L: *mut lua_State) -> c_int {
 // ---------------------------------------------------------------------------------------------
 // C entry for runtimes that resume coroutines from C
 
+/// Before a runtime resumes `co` from C with `lua_resume`: makes `co`'s scopes active (or, if it
+/// has none, keeps the resumer's). Returns 1 if [`lunet_mem_leave`] must be called after the
+/// resume returns, 0 if not (no tracker, or `co` cannot be resumed).
+///
+/// # Safety
+/// `L` the running thread and `co` a thread of the same state; `L` has a few free stack slots
+/// (always the case in a C function called by Lua, or with `lua_checkstack`).
+#[no_mangle]
+pub unsafe extern "C-unwind" fn lunet_mem_enter(L: *mut lua_State, co: *mut lua_State) -> c_int {
+    // SAFETY: the caller's contract; the thread is pushed on `L` to find its scopes and popped.
+    unsafe {
+        let Some(t) = state::tracker(L) else { return 0 };
+        ffi::luaL_checkstack(L, 6, ptr::null());
+        push_thread(L, co);
+        let entered = enter(L, t, -1);
+        ffi::lua_pop(L, 1);
+        entered as c_int
+    }
+}
+
+/// After the resume that [`lunet_mem_enter`] prepared returned (yield, end or error): makes the
+/// resumer's scope active again.
+///
+/// # Safety
+/// As for [`lunet_mem_enter`].
+#[no_mangle]
+pub unsafe extern "C-unwind" fn lunet_mem_leave(L: *mut lua_State, co: *mut lua_State) {
+    // SAFETY: as above.
+    unsafe {
+        let Some(t) = state::tracker(L) else { return };
+        ffi::luaL_checkstack(L, 6, ptr::null());
+        push_thread(L, co);
+        leave(L, t, -1);
+        ffi::lua_pop(L, 1);
+    }
+}
+
 /// `lua_resume` with Lua 5.4's signature on every version, keeping scope attribution right:
-/// while `co` runs, its own scopes are active (or, if it has none, the resumer's), and when it
-/// yields or ends, the resumer's scope is active again. Without the tracker it is plain
-/// `lua_resume`.
+/// [`lunet_mem_enter`], `lua_resume`, [`lunet_mem_leave`].
 ///
 /// # Safety
 /// As `lua_resume(co, L, nargs, nres)`: `co` a thread of the same state as `L`, with the function
@@ -826,20 +861,12 @@ pub unsafe extern "C-unwind" fn lunet_mem_resume(
     nargs: c_int,
     nres: *mut c_int,
 ) -> c_int {
-    // SAFETY: the caller's contract; the thread is pushed on `L` to find its scopes and popped.
+    // SAFETY: the caller's contract.
     unsafe {
-        let Some(t) = state::tracker(L) else {
-            return ffi::lua_resume(co, L, nargs, nres);
-        };
-        ffi::luaL_checkstack(L, 6, ptr::null());
-        push_thread(L, co);
-        let entered = enter(L, t, -1);
-        ffi::lua_pop(L, 1);
+        let entered = lunet_mem_enter(L, co);
         let status = ffi::lua_resume(co, L, nargs, nres);
-        if entered {
-            push_thread(L, co);
-            leave(L, t, -1);
-            ffi::lua_pop(L, 1);
+        if entered != 0 {
+            lunet_mem_leave(L, co);
         }
         status
     }

@@ -140,7 +140,19 @@ static void run_lua(int requests) {
         for (int i = 0; i < requests; i++) {
             int nres = 0, nargs = round == 0 ? 2 : 0;
             if (round > 0 && lua_status(co[i]) != LUA_YIELD) continue;
-            int status = lunet_mem_resume(L, co[i], nargs, &nres);
+            int status;
+            if (i % 2 == 0) {
+                status = lunet_mem_resume(L, co[i], nargs, &nres);
+            } else { /* the enter/leave pair around the runtime's own lua_resume */
+                int entered = lunet_mem_enter(L, co[i]);
+#if LUA_VERSION_NUM >= 504
+                status = lua_resume(co[i], L, nargs, &nres);
+#else
+                status = lua_resume(co[i], L, nargs);
+                nres = lua_gettop(co[i]);
+#endif
+                if (entered) lunet_mem_leave(L, co[i]);
+            }
             CHECK(status == LUA_OK || status == LUA_YIELD, "resume: %s", lua_tostring(co[i], -1));
             lua_pop(co[i], nres);
             if (status == LUA_YIELD) pending++;
