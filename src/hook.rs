@@ -62,8 +62,10 @@ pub struct Tracker {
     pub type_allocs: [Cell<u64>; TYPE_SLOTS],
     /// Bytes of the new objects counted in `type_allocs`.
     pub type_bytes: [Cell<u64>; TYPE_SLOTS],
-    /// Live blocks that came from mimalloc (mimalloc serving only).
-    pub mi_blocks: Cell<u64>,
+    /// Live blocks that came from mimalloc (mimalloc serving only). Signed: a host whose own
+    /// allocator is this same mimalloc (a Rust host with it as global allocator) makes blocks
+    /// that look like ours; freeing them here is still right, and the count may go below 0.
+    pub mi_blocks: Cell<i64>,
     /// Registry reference of the weak-keyed table `thread -> ThreadScopes userdata`.
     pub threads_ref: Cell<c_int>,
     /// Recently used scope names, by the address of their Lua string's bytes (checked against
@@ -273,7 +275,7 @@ unsafe fn serve<const MIMALLOC: bool>(
 #[cold]
 #[inline(never)]
 unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
-    if t.mi_blocks.get() != 0 {
+    if t.mi_blocks.get() > 0 {
         return false;
     }
     let L = t.closing.get();
