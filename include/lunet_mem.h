@@ -66,9 +66,19 @@ typedef struct lunet_mem_checkpoint_t {
     uint64_t allocs, frees, bytes_allocated, bytes_freed, id;
 } lunet_mem_checkpoint_t;
 
+/* A call site's slot: a zero-initialised static at the call, which remembers the site after
+** its first call so that later calls look nothing up. The macros make one per call. */
+typedef struct lunet_mem_site_t {
+    uintptr_t id;
+} lunet_mem_site_t;
+
 /* The functions behind the macros (call the macros). Blocks are 16-byte aligned; malloc and
 ** realloc return NULL when out of memory. Inside a worker arena (lunet_worker_arena_begin on the
-** same thread), blocks come from the arena. */
+** same thread), blocks come from the arena. The _site forms take the call site's slot (used
+** only for that file:line; NULL: none), the _at forms find the site from file:line. */
+void *lunet_mem_malloc_site(size_t size, lunet_mem_site_t *site, const char *file, int line);
+void *lunet_mem_realloc_site(void *p, size_t size, lunet_mem_site_t *site, const char *file,
+                             int line);
 void *lunet_mem_malloc_at(size_t size, const char *file, int line);
 void *lunet_mem_realloc_at(void *p, size_t size, const char *file, int line);
 void lunet_mem_free_at(void *p, const char *file, int line);
@@ -99,8 +109,22 @@ void lunet_mem_c_stats(lunet_mem_stats_t *out);
 void lunet_mem_report(FILE *f);
 
 #ifdef LUNET_TRACE
+#if defined(__GNUC__) || defined(__clang__)
+/* A static slot per call (a statement expression, a GNU C extension that gcc and clang have). */
+#define lunet_malloc(n)                                                                        \
+    (__extension__({                                                                          \
+        static lunet_mem_site_t lunet_mem_site_;                                              \
+        lunet_mem_malloc_site((n), &lunet_mem_site_, __FILE__, __LINE__);                     \
+    }))
+#define lunet_realloc(p, n)                                                                    \
+    (__extension__({                                                                          \
+        static lunet_mem_site_t lunet_mem_site_;                                              \
+        lunet_mem_realloc_site((p), (n), &lunet_mem_site_, __FILE__, __LINE__);               \
+    }))
+#else
 #define lunet_malloc(n) lunet_mem_malloc_at((n), __FILE__, __LINE__)
 #define lunet_realloc(p, n) lunet_mem_realloc_at((p), (n), __FILE__, __LINE__)
+#endif
 #define lunet_free(p) lunet_mem_free_at((p), __FILE__, __LINE__)
 #define lunet_worker_arena_begin(n) lunet_mem_arena_begin((n), __FILE__, __LINE__)
 #define lunet_worker_arena_end() ((void)lunet_mem_arena_end_at(0, __FILE__, __LINE__))

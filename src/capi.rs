@@ -1,31 +1,45 @@
 //! The C API for the runtime's own C code (`include/lunet_mem.h`): tracked `malloc`/`free` with
 //! per-site and per-thread counters, neutrality checkpoints, and worker-thread arenas.
 //!
-//! Every block made by [`lunet_mem_malloc_at`] carries a [`Header`] in front of it: its size, its
-//! allocation site, its arena (if any) and a magic word that tells a live block from a freed one
-//! and from a pointer this library never made. Counters are atomics: per thread (written only by
-//! their thread, read by reports) and per site (shared).
+//! Every block made by `lunet_malloc` carries a [`Header`] in front of it: its size, the
+//! allocating thread's counts of its site, its arena (if any) and a magic word that tells a live
+//! block from a freed one and from a pointer this library never made.
+//!
+//! The hot paths (`lunet_malloc`, `lunet_free`) take no lock, look nothing up and allocate
+//! nothing besides the block itself:
+//! - the thread's state is one thread-local pointer;
+//! - the call site is found through a per-call-site slot the header's macro passes (a `static`
+//!   in the caller), holding the site's number: an index into the thread's table of its counts;
+//! - a block's header points to the counts it was counted in, so that `free` counts it back
+//!   there without a look-up (unless another thread frees it);
+//! - the magic word is XORed with the header's address: reading it is the ownership check, and
+//!   mimalloc is asked only when that check fails (to say what the pointer is);
+//! - counters are written only by their own thread (plain loads and stores, no read-modify-write)
+//!   and summed when reported.
 
-use std::cell::{Cell, RefCell, UnsafeCell};
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::io::Write;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
 
-use bumpalo::Bump;
+use libmimalloc_sys as mi;
 use mlua::ffi::{self, lua_State};
 
 /// The header in front of every tracked block. 32 bytes, so the block keeps 16-byte alignment.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Header {
-    /// `LIVE` while the block is allocated, `FREED` after.
+    /// `LIVE` while the block is allocated, `FREED` after, `ENDED` once it escaped an arena that
+    /// ended; always XORed with the header's own address (see [`magic`]).
     magic: u64,
     size: usize,
-    site: *const Site,
+    /// The allocating thread's counts of the block's site (they live as long as the program).
+    counts: *const SiteCounts,
     /// The worker arena the block lives in, or null for the heap.
-    arena: *const Arena,
+    arena: *mut Arena,
 }
 
 const HEADER: usize = std::mem::size_of::<Header>();
@@ -36,22 +50,70 @@ const FREED: u64 = !LIVE;
 const ENDED: u64 = LIVE ^ 1;
 /// Byte written over an arena's memory when it is released, if poisoning is on.
 const POISON: u8 = 0xde;
+/// The largest block size served: the header and the rounding to `ALIGN` never overflow.
+const MAX_SIZE: usize = isize::MAX as usize / 2;
+/// The smallest page size of the platforms we run on: a header in the same page as its block's
+/// first byte can be read without a fault whatever the pointer is.
+const PAGE: usize = 4096;
 
-/// One allocation site (`file:line` of the call). Its counts are kept per thread (each thread
-/// writes only its own, with no atomic read-modify-write) and summed when reported.
-pub struct Site {
-    file: *const c_char,
-    line: c_int,
-    locals: Mutex<Vec<Arc<LocalCounts>>>,
+/// The magic word of a header at `h` in state `kind`: bound to the address, so that a header's
+/// bytes copied elsewhere, or stale bytes at another address, never pass for a live block.
+#[inline(always)]
+fn magic(kind: u64, h: *const Header) -> u64 {
+    kind ^ h as usize as u64
 }
 
-/// One thread's counts of one site (or of all its sites, in `ThreadState::counters`).
+/// Rounds `size` up to a multiple of `ALIGN` (`size <= MAX_SIZE`).
+#[inline(always)]
+fn round_up(size: usize) -> usize {
+    (size + ALIGN - 1) & !(ALIGN - 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters and sites
+
+/// Allocation counts written by one thread only (plain load and store: no read-modify-write)
+/// and read by reports from any thread.
 #[derive(Default)]
-pub struct LocalCounts {
+struct Counts {
     allocs: AtomicU64,
     frees: AtomicU64,
     bytes_allocated: AtomicU64,
     bytes_freed: AtomicU64,
+}
+
+impl Counts {
+    /// Counts a block of `size` bytes made by the owning thread.
+    #[inline(always)]
+    fn made(&self, size: usize) {
+        bump(&self.allocs, 1);
+        bump(&self.bytes_allocated, size as u64);
+    }
+
+    /// Counts a block of `size` bytes freed by the owning thread.
+    #[inline(always)]
+    fn freed(&self, size: usize) {
+        bump(&self.frees, 1);
+        bump(&self.bytes_freed, size as u64);
+    }
+}
+
+#[inline(always)]
+fn bump(counter: &AtomicU64, by: u64) {
+    // Only the owning thread writes: a plain load and store is enough (no read-modify-write).
+    counter.store(counter.load(Relaxed).wrapping_add(by), Relaxed);
+}
+
+/// One allocation site (`file:line` of the call). Its counts are kept per thread (each thread
+/// writes only its own) and summed when reported.
+pub struct Site {
+    file: *const c_char,
+    line: c_int,
+    /// The site's number, from 1: its index in each thread's table of its counts, and what a
+    /// call site's [`SiteSlot`] holds.
+    id: usize,
+    /// Every thread's counts of this site.
+    locals: Mutex<Vec<&'static SiteCounts>>,
 }
 
 // SAFETY: `file` points to a string literal (`__FILE__`) that lives as long as the program; the
@@ -60,17 +122,14 @@ unsafe impl Sync for Site {}
 // SAFETY: as above.
 unsafe impl Send for Site {}
 
-impl LocalCounts {
-    /// Counts a block of `size` bytes made (or freed) by the owning thread.
-    fn count(&self, size: usize, made: bool) {
-        if made {
-            bump(&self.allocs, 1);
-            bump(&self.bytes_allocated, size as u64);
-        } else {
-            bump(&self.frees, 1);
-            bump(&self.bytes_freed, size as u64);
-        }
-    }
+/// One thread's counts of one site. Aligned to a cache line: other threads' counts never share
+/// it. Never freed: block headers point to them, and reports sum them after the thread ended.
+#[repr(align(64))]
+pub struct SiteCounts {
+    counts: Counts,
+    /// The serial number of the thread that writes these counts.
+    owner: u64,
+    site: &'static Site,
 }
 
 /// `(allocs, frees, live blocks, live bytes)` of a site.
@@ -82,10 +141,10 @@ impl Site {
         let locals = self.locals.lock().unwrap_or_else(|e| e.into_inner());
         let (mut a, mut f, mut ba, mut bf) = (0u64, 0u64, 0u64, 0u64);
         for l in locals.iter() {
-            a += l.allocs.load(Relaxed);
-            f += l.frees.load(Relaxed);
-            ba += l.bytes_allocated.load(Relaxed);
-            bf += l.bytes_freed.load(Relaxed);
+            a += l.counts.allocs.load(Relaxed);
+            f += l.counts.frees.load(Relaxed);
+            ba += l.counts.bytes_allocated.load(Relaxed);
+            bf += l.counts.bytes_freed.load(Relaxed);
         }
         (a, f, a as i64 - f as i64, ba as i64 - bf as i64)
     }
@@ -108,135 +167,277 @@ fn sites() -> &'static Mutex<HashMap<(usize, c_int), &'static Site>> {
     SITES.get_or_init(Default::default)
 }
 
-/// Counters of one thread, written only by it.
-#[derive(Default)]
-pub struct ThreadCounters {
-    counts: LocalCounts,
-    peak_bytes: AtomicI64,
-}
-
-fn bump(counter: &AtomicU64, by: u64) {
-    // Only the owning thread writes: a plain load and store is enough (no read-modify-write).
-    counter.store(counter.load(Relaxed) + by, Relaxed);
-}
-
-fn threads() -> &'static Mutex<Vec<Arc<ThreadCounters>>> {
-    static THREADS: OnceLock<Mutex<Vec<Arc<ThreadCounters>>>> = OnceLock::new();
-    THREADS.get_or_init(Default::default)
-}
-
-/// What one thread keeps: its counters, its view of the site table, its open worker arenas,
-/// released bump allocators for the next arena, and its quarantine of freed blocks.
-///
-/// Boxed behind one small thread-local: a module's static TLS must stay small, or `dlopen` of
-/// the Lua module fails ("cannot allocate memory in static TLS block").
-struct ThreadState {
-    counters: Arc<ThreadCounters>,
-    /// This thread's counts of the sites it used, direct-mapped by `(file, line)`: no lock, no
-    /// hashing after a site's first use here, unless two hot sites collide.
-    site_cache: Vec<Option<(&'static Site, Arc<LocalCounts>)>>,
-    /// Open worker arenas, innermost last.
-    arenas: Vec<Arc<Arena>>,
-    bump_pool: Vec<Bump>,
-    /// Heap blocks freed last on this thread, kept (marked freed) before they go back to
-    /// mimalloc, so that a double free of one of them is seen rather than freeing whatever
-    /// reused the memory.
-    quarantine: Quarantine,
-}
-
-thread_local! {
-    static LOCAL: RefCell<Option<Box<ThreadState>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` on this thread's state (made on first use). `f` must not call back into this.
-fn with_local<R>(f: impl FnOnce(&mut ThreadState) -> R) -> R {
-    LOCAL.with(|cell| {
-        let mut local = cell.borrow_mut();
-        let state = local.get_or_insert_with(|| {
-            let counters = Arc::new(ThreadCounters::default());
-            threads()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(counters.clone());
-            Box::new(ThreadState {
-                counters,
-                site_cache: vec![None; SITE_CACHE_SLOTS],
-                arenas: Vec::new(),
-                bump_pool: Vec::new(),
-                quarantine: Quarantine::default(),
-            })
-        });
-        f(state)
+/// The site `file:line`, made on first use.
+fn site_at(file: *const c_char, line: c_int) -> &'static Site {
+    let mut sites = sites().lock().unwrap_or_else(|e| e.into_inner());
+    let id = sites.len() + 1;
+    sites.entry((file as usize, line)).or_insert_with(|| {
+        Box::leak(Box::new(Site {
+            file,
+            line,
+            id,
+            locals: Mutex::new(Vec::new()),
+        }))
     })
 }
 
-/// How many freed blocks a thread keeps back.
-const QUARANTINE_BLOCKS: usize = 256;
+/// `lunet_mem_site_t`: a call site's slot, a zero-initialised `static` in the caller that
+/// remembers the site's number after the first call (0: not known yet).
+#[repr(C)]
+pub struct SiteSlot {
+    id: AtomicUsize,
+}
 
+/// Counters of one thread, written only by it. Never freed (reports sum them after the thread
+/// ended).
 #[derive(Default)]
-struct Quarantine(VecDeque<*mut Header>);
+pub struct ThreadCounters {
+    counts: Counts,
+    peak_bytes: AtomicI64,
+}
 
-impl Quarantine {
-    fn push(&mut self, h: *mut Header) {
-        if self.0.len() == QUARANTINE_BLOCKS {
-            if let Some(old) = self.0.pop_front() {
-                // SAFETY: a heap block made by `mi_malloc_aligned`, freed by the C code already.
-                unsafe { libmimalloc_sys::mi_free(old as *mut c_void) };
+fn threads() -> &'static Mutex<Vec<&'static ThreadCounters>> {
+    static THREADS: OnceLock<Mutex<Vec<&'static ThreadCounters>>> = OnceLock::new();
+    THREADS.get_or_init(Default::default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread state
+
+/// What one thread keeps: its counters, its counts of each site, its worker arenas, spare arena
+/// chunks, and its quarantine of freed blocks.
+///
+/// Reached through one pointer-sized thread-local ([`STATE`]): a module's static TLS must stay
+/// small, or `dlopen` of the Lua module fails ("cannot allocate memory in static TLS block").
+struct ThreadState {
+    /// The thread's identity in [`SiteCounts::owner`]: never reused, unlike this state's address.
+    serial: u64,
+    counters: &'static ThreadCounters,
+    /// Bytes this thread allocated minus bytes it freed, and the highest that reached (the
+    /// thread-local copies of what `counters` publishes).
+    live_bytes: i64,
+    peak_bytes: i64,
+    /// This thread's counts of each site, by site number; null where it has none yet (and at
+    /// 0, the number of no site).
+    site_counts: Vec<*const SiteCounts>,
+    /// For callers that pass no slot (`lunet_mem_malloc_at`): counts direct-mapped by
+    /// `(file, line)`. Null or one of this thread's counts.
+    site_cache: Box<[*const SiteCounts; SITE_CACHE_SLOTS]>,
+    /// The innermost open arena (`arenas[depth - 1]`), or null.
+    top: *mut Arena,
+    /// Arenas made by this thread (from `Box::into_raw`, freed with the state): `[..depth]` are
+    /// open, innermost last; the rest wait for reuse.
+    arenas: Vec<*mut Arena>,
+    depth: usize,
+    /// Chunks of ended arenas, kept for the next ones (at most `SPARE_CHUNKS`).
+    spare_chunks: Vec<*mut Chunk>,
+    /// Heap blocks freed last on this thread (a ring; null where empty), kept, marked freed,
+    /// before they go back to mimalloc, so that a double free of one of them is seen rather
+    /// than freeing whatever reused the memory.
+    quarantine: Box<[*mut Header; QUARANTINE_BLOCKS]>,
+    /// The ring's oldest entry: the next to leave.
+    quarantine_next: usize,
+}
+
+/// How many freed blocks a thread keeps back (a power of two).
+const QUARANTINE_BLOCKS: usize = 256;
+const SITE_CACHE_SLOTS: usize = 256;
+/// How many chunks of ended arenas a thread keeps for its next arenas.
+const SPARE_CHUNKS: usize = 4;
+
+const _: () = assert!(QUARANTINE_BLOCKS.is_power_of_two() && SITE_CACHE_SLOTS.is_power_of_two());
+
+thread_local! {
+    /// This thread's state (from `Box::into_raw`), or null before its first use (and after the
+    /// thread's destructors freed it). No destructor of its own: reading it is one load.
+    static STATE: Cell<*mut ThreadState> = const { Cell::new(ptr::null_mut()) };
+    /// Zero-sized: frees the state when the thread ends (registered when the state is made).
+    static STATE_OWNER: StateOwner = const { StateOwner };
+}
+
+struct StateOwner;
+
+impl Drop for StateOwner {
+    fn drop(&mut self) {
+        let state = STATE.replace(ptr::null_mut());
+        if !state.is_null() {
+            // SAFETY: made by `Box::into_raw` in `new_state`, and no longer reachable.
+            drop(unsafe { Box::from_raw(state) });
+        }
+    }
+}
+
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// This thread's state, made on first use. The callers turn it into the only reference to the
+/// state while they run: nothing they call comes back into this API.
+#[inline(always)]
+fn state() -> *mut ThreadState {
+    let state = STATE.get();
+    if state.is_null() {
+        new_state()
+    } else {
+        state
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn new_state() -> *mut ThreadState {
+    let counters: &'static ThreadCounters = Box::leak(Box::default());
+    threads()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(counters);
+    let state = Box::into_raw(Box::new(ThreadState {
+        serial: NEXT_SERIAL.fetch_add(1, Relaxed),
+        counters,
+        live_bytes: 0,
+        peak_bytes: 0,
+        site_counts: vec![ptr::null(); 64],
+        site_cache: Box::new([ptr::null(); SITE_CACHE_SLOTS]),
+        top: ptr::null_mut(),
+        arenas: Vec::new(),
+        depth: 0,
+        spare_chunks: Vec::with_capacity(SPARE_CHUNKS),
+        quarantine: Box::new([ptr::null_mut(); QUARANTINE_BLOCKS]),
+        quarantine_next: 0,
+    }));
+    STATE.set(state);
+    // Registers the destructor. It fails only while the thread's destructors run: the state
+    // made then is never freed (its counts stay right).
+    let _ = STATE_OWNER.try_with(|_| ());
+    state
+}
+
+impl Drop for ThreadState {
+    fn drop(&mut self) {
+        for &h in self.quarantine.iter() {
+            if !h.is_null() {
+                // SAFETY: a heap block from `mi_malloc`, freed by the C code already.
+                unsafe { mi::mi_free(h.cast()) };
             }
         }
-        self.0.push_back(h);
-    }
-}
-
-impl Drop for Quarantine {
-    fn drop(&mut self) {
-        for h in self.0.drain(..) {
-            // SAFETY: as in `push`.
-            unsafe { libmimalloc_sys::mi_free(h as *mut c_void) };
+        for arena in std::mem::take(&mut self.arenas) {
+            // SAFETY: made by `Box::into_raw` in `lunet_mem_arena_begin`, used by nothing else
+            // now. The chunks of an arena left open are freed with it.
+            let mut arena = unsafe { Box::from_raw(arena) };
+            arena.release(&mut self.spare_chunks);
+        }
+        for &chunk in &self.spare_chunks {
+            // SAFETY: a spare chunk from `mi_malloc_aligned`, used by no arena.
+            unsafe { mi::mi_free(chunk.cast()) };
         }
     }
 }
 
-const SITE_CACHE_SLOTS: usize = 256;
-
-static POISONING: AtomicBool = AtomicBool::new(cfg!(debug_assertions));
-
-fn site_slot(file: *const c_char, line: c_int) -> usize {
-    ((file as usize >> 3) ^ (line as usize).wrapping_mul(31)) % SITE_CACHE_SLOTS
+fn site_cache_slot(file: *const c_char, line: c_int) -> usize {
+    ((file as usize >> 3) ^ (line as usize).wrapping_mul(31)) & (SITE_CACHE_SLOTS - 1)
 }
 
 impl ThreadState {
-    /// The site `file:line` and this thread's counts of it.
-    fn site(&mut self, file: *const c_char, line: c_int) -> (&'static Site, &LocalCounts) {
-        let slot = site_slot(file, line);
-        let hit =
-            matches!(&self.site_cache[slot], Some((s, _)) if s.file == file && s.line == line);
-        if !hit {
-            let site = *sites()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry((file as usize, line))
-                .or_insert_with(|| {
-                    Box::leak(Box::new(Site {
-                        file,
-                        line,
-                        locals: Mutex::new(Vec::new()),
-                    }))
-                });
-            let local = Arc::new(LocalCounts::default());
-            site.locals
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(local.clone());
-            self.site_cache[slot] = Some((site, local));
+    /// This thread's counts of `site`.
+    #[inline(always)]
+    fn counts_of(&mut self, site: &'static Site) -> *const SiteCounts {
+        match self.site_counts.get(site.id) {
+            Some(&counts) if !counts.is_null() => counts,
+            _ => self.new_counts(site),
         }
-        let (site, local) = self.site_cache[slot].as_ref().expect("filled");
-        (site, local)
     }
 
-    /// This thread's counts of `site` (a site seen before, maybe on another thread).
-    fn counts_of(&mut self, site: &'static Site) -> &LocalCounts {
-        self.site(site.file, site.line).1
+    #[cold]
+    #[inline(never)]
+    fn new_counts(&mut self, site: &'static Site) -> *const SiteCounts {
+        let counts: &'static SiteCounts = Box::leak(Box::new(SiteCounts {
+            counts: Counts::default(),
+            owner: self.serial,
+            site,
+        }));
+        site.locals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(counts);
+        if self.site_counts.len() <= site.id {
+            self.site_counts
+                .resize((site.id + 1).next_power_of_two(), ptr::null());
+        }
+        self.site_counts[site.id] = counts;
+        counts
+    }
+
+    /// This thread's counts of the call site that owns `slot` (`file:line`).
+    ///
+    /// # Safety
+    /// `slot` is NULL or a valid slot; `file` as in [`lunet_mem_malloc_at`].
+    #[inline(always)]
+    unsafe fn counts_in_slot(
+        &mut self,
+        slot: *const SiteSlot,
+        file: *const c_char,
+        line: c_int,
+    ) -> *const SiteCounts {
+        // SAFETY: a valid slot or NULL (the caller's contract).
+        match unsafe { slot.as_ref() } {
+            Some(slot) => match self.site_counts.get(slot.id.load(Relaxed)) {
+                Some(&counts) if !counts.is_null() => counts,
+                _ => {
+                    let site = site_at(file, line);
+                    slot.id.store(site.id, Relaxed);
+                    self.counts_of(site)
+                }
+            },
+            None => self.counts_at(file, line),
+        }
+    }
+
+    /// This thread's counts of the site `file:line`, for callers without a slot.
+    #[inline(always)]
+    fn counts_at(&mut self, file: *const c_char, line: c_int) -> *const SiteCounts {
+        let slot = site_cache_slot(file, line);
+        // SAFETY: a non-null cache entry is one of this thread's counts (never freed).
+        if let Some(cached) = unsafe { self.site_cache[slot].as_ref() } {
+            if ptr::eq(cached.site.file, file) && cached.site.line == line {
+                return cached;
+            }
+        }
+        let counts = self.counts_of(site_at(file, line));
+        self.site_cache[slot] = counts;
+        counts
+    }
+
+    /// Counts a block of `size` bytes made in `counts` (one of this thread's).
+    #[inline(always)]
+    fn count_made(&mut self, counts: *const SiteCounts, size: usize) {
+        // SAFETY: this thread's counts, never freed.
+        unsafe { (*counts).counts.made(size) };
+        self.counters.counts.made(size);
+        self.live_bytes += size as i64;
+        if self.live_bytes > self.peak_bytes {
+            self.peak_bytes = self.live_bytes;
+            self.counters.peak_bytes.store(self.live_bytes, Relaxed);
+        }
+    }
+
+    /// Counts a block of `size` bytes freed in `counts` (one of this thread's).
+    #[inline(always)]
+    fn count_freed(&mut self, counts: *const SiteCounts, size: usize) {
+        // SAFETY: this thread's counts, never freed.
+        unsafe { (*counts).counts.freed(size) };
+        self.counters.counts.freed(size);
+        self.live_bytes -= size as i64;
+    }
+
+    /// Keeps the freed heap block `h` back, and gives the oldest kept one to mimalloc.
+    #[inline(always)]
+    fn quarantine(&mut self, h: *mut Header) {
+        let next = self.quarantine_next;
+        let oldest = std::mem::replace(&mut self.quarantine[next], h);
+        self.quarantine_next = (next + 1) & (QUARANTINE_BLOCKS - 1);
+        if !oldest.is_null() {
+            // SAFETY: a heap block from `mi_malloc`, freed by the C code `QUARANTINE_BLOCKS`
+            // frees ago on this thread.
+            unsafe { mi::mi_free(oldest.cast()) };
+        }
     }
 }
 
@@ -275,49 +476,201 @@ fn at(file: *const c_char, line: c_int) -> String {
 // ---------------------------------------------------------------------------------------------
 // Worker arenas
 
-/// A worker thread's arena: blocks are bump-allocated and released all at once when it ends.
+/// A worker thread's arena: blocks are bump-allocated, back to back (header, then the size
+/// rounded up to `ALIGN`), in chunks from mimalloc, and released all at once when it ends.
+/// Used only by the thread that opened it.
 pub struct Arena {
-    bump: UnsafeCell<Bump>,
-    /// Every block made in the arena (to name the ones that escape).
-    blocks: UnsafeCell<Vec<*mut Header>>,
-    live_blocks: Cell<i64>,
-    live_bytes: Cell<i64>,
-    /// The state of the thread that opened it (its identity: only it may use the arena).
-    owner: *const ThreadState,
+    /// The next block's place in the current chunk, and the chunk's end (null before the
+    /// arena's first block).
+    cur: *mut u8,
+    end: *mut u8,
+    /// The current chunk (null before the first block); older chunks follow `prev`.
+    chunk: *mut Chunk,
+    /// The least capacity of the arena's first chunk.
+    size_hint: usize,
+    live_blocks: i64,
+    live_bytes: i64,
     begin_file: *const c_char,
     begin_line: c_int,
 }
 
-// SAFETY: everything but the reference count is used only by the thread that opened the arena:
-// `lunet_free` of an arena block on another thread aborts before touching it.
-unsafe impl Sync for Arena {}
-// SAFETY: as above.
-unsafe impl Send for Arena {}
+/// The start of an arena chunk (a block from `mi_malloc_aligned`); its blocks follow.
+#[repr(C)]
+pub struct Chunk {
+    prev: *mut Chunk,
+    /// Bytes after this header.
+    capacity: usize,
+    /// The end of the blocks made in it, once the arena moved on to a newer chunk.
+    used_end: *mut u8,
+    _pad: usize,
+}
+
+const CHUNK_HEADER: usize = std::mem::size_of::<Chunk>();
+
+impl Chunk {
+    /// Where the chunk's blocks start.
+    fn data(chunk: *mut Chunk) -> *mut u8 {
+        chunk.cast::<u8>().wrapping_add(CHUNK_HEADER)
+    }
+
+    /// Bytes for blocks in `chunk` (one of this thread's chunks).
+    fn capacity(chunk: *mut Chunk) -> usize {
+        // SAFETY: this thread's chunks are used only by this thread, and live until released.
+        unsafe { (*chunk).capacity }
+    }
+}
+
+impl Arena {
+    /// Room for a block of `need` bytes (header included) in a chunk of at least `need` bytes;
+    /// false if out of memory.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self, spare: &mut Vec<*mut Chunk>, need: usize) -> bool {
+        let want = if self.chunk.is_null() {
+            round_up(self.size_hint.min(MAX_SIZE)).max(need)
+        } else {
+            Chunk::capacity(self.chunk)
+                .saturating_mul(2)
+                .min(MAX_SIZE)
+                .max(need)
+        };
+        let chunk = match spare.iter().position(|&c| Chunk::capacity(c) >= want) {
+            Some(i) => spare.swap_remove(i),
+            None => {
+                // SAFETY: plain allocation (`want <= MAX_SIZE`, so the sum does not overflow).
+                let mem = unsafe { mi::mi_malloc_aligned(CHUNK_HEADER + want, ALIGN) };
+                if mem.is_null() {
+                    return false;
+                }
+                let chunk = mem.cast::<Chunk>();
+                // SAFETY: a fresh block of at least CHUNK_HEADER bytes.
+                unsafe { (*chunk).capacity = want };
+                chunk
+            }
+        };
+        if !self.chunk.is_null() {
+            // SAFETY: the current chunk is the arena's own.
+            unsafe { (*self.chunk).used_end = self.cur };
+        }
+        // SAFETY: `chunk` is now the arena's own.
+        unsafe {
+            (*chunk).prev = self.chunk;
+            (*chunk).used_end = ptr::null_mut();
+            self.cur = Chunk::data(chunk);
+            self.end = self.cur.add((*chunk).capacity);
+        }
+        self.chunk = chunk;
+        true
+    }
+
+    /// The header of a new block of `size` bytes (`size <= MAX_SIZE`), or null if out of
+    /// memory.
+    #[inline(always)]
+    fn alloc(&mut self, spare: &mut Vec<*mut Chunk>, size: usize) -> *mut Header {
+        let need = HEADER + round_up(size);
+        if (self.end as usize) - (self.cur as usize) < need && !self.grow(spare, need) {
+            return ptr::null_mut();
+        }
+        let h = self.cur;
+        // SAFETY: `need` bytes from `cur` are inside the current chunk (checked above).
+        self.cur = unsafe { h.add(need) };
+        self.live_blocks += 1;
+        self.live_bytes += size as i64;
+        h.cast()
+    }
+
+    /// Calls `f` on each block's header, in allocation order.
+    fn for_each_block(&self, mut f: impl FnMut(*mut Header)) {
+        let mut chunks = Vec::new();
+        let mut chunk = self.chunk;
+        while !chunk.is_null() {
+            chunks.push(chunk);
+            // SAFETY: the arena's own chunks.
+            chunk = unsafe { (*chunk).prev };
+        }
+        for &chunk in chunks.iter().rev() {
+            let end = if chunk == self.chunk {
+                self.cur
+            } else {
+                // SAFETY: as above.
+                unsafe { (*chunk).used_end }
+            };
+            let mut at = Chunk::data(chunk);
+            while at < end {
+                let h = at.cast::<Header>();
+                // SAFETY: blocks are back to back up to `end`, each a header and its size
+                // rounded up (read before `f`, which may poison the header).
+                let next = unsafe { at.add(HEADER + round_up((*h).size)) };
+                f(h);
+                at = next;
+            }
+        }
+    }
+
+    /// Gives the arena's chunks to `spare` (the largest `SPARE_CHUNKS`; the rest to mimalloc)
+    /// and empties it.
+    fn release(&mut self, spare: &mut Vec<*mut Chunk>) {
+        let mut chunk = self.chunk;
+        while !chunk.is_null() {
+            // SAFETY: the arena's own chunks, from `mi_malloc_aligned`.
+            let prev = unsafe { (*chunk).prev };
+            let unkept = if spare.len() < SPARE_CHUNKS {
+                spare.push(chunk);
+                ptr::null_mut()
+            } else {
+                let smallest = (0..spare.len())
+                    .min_by_key(|&i| Chunk::capacity(spare[i]))
+                    .expect("SPARE_CHUNKS > 0");
+                if Chunk::capacity(spare[smallest]) < Chunk::capacity(chunk) {
+                    std::mem::replace(&mut spare[smallest], chunk)
+                } else {
+                    chunk
+                }
+            };
+            if !unkept.is_null() {
+                // SAFETY: a chunk from `mi_malloc_aligned`, used by no arena any more.
+                unsafe { mi::mi_free(unkept.cast()) };
+            }
+            chunk = prev;
+        }
+        self.chunk = ptr::null_mut();
+        self.cur = ptr::null_mut();
+        self.end = ptr::null_mut();
+    }
+}
 
 /// Opens a worker arena on this thread; `lunet_malloc` on this thread is served from it until
-/// the matching [`lunet_mem_arena_end`]. Arenas nest.
+/// the matching [`lunet_mem_arena_end_at`]. Arenas nest.
 ///
 /// # Safety
-/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`);
-/// pointer arguments are NULL or what the header says they are.
+/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`).
 #[no_mangle]
 pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_char, line: c_int) {
-    with_local(|l| {
-        let bump = l
-            .bump_pool
-            .pop()
-            .unwrap_or_else(|| Bump::with_capacity(size_hint));
-        let owner: *const ThreadState = l;
-        l.arenas.push(Arc::new(Arena {
-            bump: UnsafeCell::new(bump),
-            blocks: UnsafeCell::new(Vec::new()),
-            live_blocks: Cell::new(0),
-            live_bytes: Cell::new(0),
-            owner,
-            begin_file: file,
-            begin_line: line,
-        }));
-    });
+    // SAFETY: this thread's state, and no other reference to it (see `state`).
+    let l = unsafe { &mut *state() };
+    if l.depth == l.arenas.len() {
+        l.arenas.push(Box::into_raw(Box::new(Arena {
+            cur: ptr::null_mut(),
+            end: ptr::null_mut(),
+            chunk: ptr::null_mut(),
+            size_hint: 0,
+            live_blocks: 0,
+            live_bytes: 0,
+            begin_file: ptr::null(),
+            begin_line: 0,
+        })));
+    }
+    let arena = l.arenas[l.depth];
+    // SAFETY: one of this thread's arenas, not open (so empty: `release` ran or it is new).
+    unsafe {
+        (*arena).size_hint = size_hint;
+        (*arena).live_blocks = 0;
+        (*arena).live_bytes = 0;
+        (*arena).begin_file = file;
+        (*arena).begin_line = line;
+    }
+    l.depth += 1;
+    l.top = arena;
 }
 
 /// Ends this thread's innermost worker arena. Returns the number of its blocks still live
@@ -326,78 +679,78 @@ pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_
 /// poisoning is on, so that a pointer that escaped reads garbage rather than stale data).
 ///
 /// # Safety
-/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`);
-/// pointer arguments are NULL or what the header says they are.
+/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`).
 #[no_mangle]
 pub unsafe extern "C" fn lunet_mem_arena_end_at(
     allow_escape: c_int,
     file: *const c_char,
     line: c_int,
 ) -> i64 {
-    let Some(arena) = with_local(|l| l.arenas.pop()) else {
+    // SAFETY: this thread's state, and no other reference to it (see `state`).
+    let l = unsafe { &mut *state() };
+    if l.depth == 0 {
         fatal(&format!(
             "worker arena end without begin at {}",
             at(file, line)
         ));
-    };
-    let escaped = arena.live_blocks.get();
+    }
+    // SAFETY: an open arena of this thread; no other reference to it while this runs.
+    let arena = unsafe { &mut *l.arenas[l.depth - 1] };
+    let escaped = arena.live_blocks;
     if escaped != 0 {
         let mut msg = format!(
             "worker arena begun at {} and ended at {}: {} block(s), {} byte(s) escaped",
             at(arena.begin_file, arena.begin_line),
             at(file, line),
             escaped,
-            arena.live_bytes.get()
+            arena.live_bytes
         );
-        // SAFETY: only this thread allocated in the arena.
-        let blocks = unsafe { &*arena.blocks.get() };
-        for &h in blocks {
-            // SAFETY: headers in the arena's own, still unreleased memory; sites live forever.
-            let (magic, size, site) = unsafe { ((*h).magic, (*h).size, &*(*h).site) };
-            if magic == LIVE {
+        arena.for_each_block(|h| {
+            // SAFETY: a header in the arena's memory; its counts and site live forever.
+            let (head, site) = unsafe { (*h, (*(*h).counts).site) };
+            if head.magic == magic(LIVE, h) {
                 msg.push_str(&format!(
-                    "\n  {size} bytes allocated at {}:{}",
+                    "\n  {} bytes allocated at {}:{}",
+                    head.size,
                     site.file(),
                     site.line
                 ));
             }
-        }
+        });
         if allow_escape == 0 {
             fatal(&msg);
         }
         let _ = writeln!(std::io::stderr(), "lunet_mem: {msg}");
     }
-    // SAFETY: the arena was opened on this thread and no other thread allocates in it.
-    let (mut bump, blocks) = unsafe {
-        (
-            std::mem::take(&mut *arena.bump.get()),
-            std::mem::take(&mut *arena.blocks.get()),
-        )
+    let poison = POISONING.load(Relaxed);
+    if escaped != 0 || poison {
+        arena.for_each_block(|h| {
+            // SAFETY: a header in the arena's memory, and the block after it.
+            unsafe {
+                let size = (*h).size;
+                if (*h).magic == magic(LIVE, h) {
+                    // Escaped: a later free of it says so (until the memory is reused).
+                    (*h).magic = magic(ENDED, h);
+                    if poison {
+                        ptr::write_bytes(h.add(1).cast::<u8>(), POISON, size);
+                    }
+                } else if poison {
+                    ptr::write_bytes(h.cast::<u8>(), POISON, HEADER + size);
+                }
+            }
+        });
+    }
+    arena.release(&mut l.spare_chunks);
+    l.depth -= 1;
+    l.top = if l.depth == 0 {
+        ptr::null_mut()
+    } else {
+        l.arenas[l.depth - 1]
     };
-    for h in blocks {
-        // SAFETY: headers in the arena's memory; escaped ones are marked so a later free says so.
-        unsafe {
-            if (*h).magic == LIVE {
-                (*h).magic = ENDED;
-            }
-        }
-    }
-    if POISONING.load(Relaxed) {
-        // SAFETY: the chunks are the arena's own memory, no longer handed out.
-        unsafe {
-            for chunk in bump.iter_allocated_chunks_raw() {
-                ptr::write_bytes(chunk.0, POISON, chunk.1);
-            }
-        }
-    }
-    bump.reset();
-    with_local(|l| {
-        if l.bump_pool.len() < 4 {
-            l.bump_pool.push(bump);
-        }
-    });
     escaped
 }
+
+static POISONING: AtomicBool = AtomicBool::new(cfg!(debug_assertions));
 
 /// Turns poisoning of released arena memory on or off (on by default in debug builds).
 #[no_mangle]
@@ -408,149 +761,261 @@ pub extern "C" fn lunet_mem_set_poisoning(on: c_int) {
 // ---------------------------------------------------------------------------------------------
 // Tracked allocation
 
-/// `lunet_malloc(size)` in tracing builds: a block of `size` bytes (16-byte aligned), from this
-/// thread's worker arena if one is open, else from the heap; NULL if out of memory.
+/// A block of `size` bytes counted in `counts` (one of this thread's): from the innermost open
+/// arena, else from the heap; null if out of memory.
+#[inline(always)]
+fn alloc(l: &mut ThreadState, size: usize, counts: *const SiteCounts) -> *mut c_void {
+    if size > MAX_SIZE {
+        return ptr::null_mut();
+    }
+    let arena = l.top;
+    let h: *mut Header = if arena.is_null() {
+        // SAFETY: plain allocation; mimalloc aligns blocks of 16 bytes and more to 16.
+        unsafe { mi::mi_malloc(HEADER + size) }.cast()
+    } else {
+        // SAFETY: this thread's innermost open arena; no other reference to it while this runs.
+        unsafe { (*arena).alloc(&mut l.spare_chunks, size) }
+    };
+    if h.is_null() {
+        return ptr::null_mut();
+    }
+    l.count_made(counts, size);
+    // SAFETY: `h` points to at least HEADER + size writable bytes, aligned to 16.
+    unsafe {
+        h.write(Header {
+            magic: magic(LIVE, h),
+            size,
+            counts,
+            arena,
+        });
+        h.add(1).cast()
+    }
+}
+
+/// The header of `p`, a live block: aborts with a clear message for a double free, a block that
+/// escaped an ended arena, or a pointer this library did not make.
 ///
 /// # Safety
-/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`);
-/// pointer arguments are NULL or what the header says they are.
+/// `p` is not null, and points into memory the caller may read (any pointer the C code holds to
+/// a block of its own, whoever made it).
+#[inline(always)]
+unsafe fn live_header(p: *mut c_void, what: &str, file: *const c_char, line: c_int) -> *mut Header {
+    let h = p.cast::<u8>().wrapping_sub(HEADER).cast::<Header>();
+    // Reading a word in the page of `p` (the C code's pointer to its block) cannot fault:
+    // that is all the fast path reads of a pointer that may not be ours.
+    // SAFETY: as just said; a stranger's bytes there are only compared.
+    if (p as usize) & (PAGE - 1) >= HEADER && unsafe { (*h).magic } == magic(LIVE, h) {
+        return h;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { checked_header(p, what, file, line) }
+}
+
+/// [`live_header`] when the fast check failed: asks mimalloc before reading a header that may be
+/// in another page, then says what the pointer is.
+///
+/// # Safety
+/// As for [`live_header`].
+#[cold]
+#[inline(never)]
+unsafe fn checked_header(
+    p: *mut c_void,
+    what: &str,
+    file: *const c_char,
+    line: c_int,
+) -> *mut Header {
+    let h = p.cast::<u8>().wrapping_sub(HEADER).cast::<Header>();
+    // Our blocks (heap blocks and arena chunks) are all inside mimalloc's memory.
+    let readable = (p as usize) & (PAGE - 1) >= HEADER
+        // SAFETY: checking an address, reading nothing.
+        || unsafe { mi::mi_is_in_heap_region(h.cast()) };
+    // SAFETY: on the page of `p`, or inside mimalloc's memory (checked).
+    let m = if readable { unsafe { (*h).magic } } else { 0 };
+    if m == magic(LIVE, h) {
+        h
+    } else if m == magic(FREED, h) {
+        // SAFETY: a freed header keeps its counts, and those their site.
+        let site = unsafe { (*(*h).counts).site };
+        fatal(&format!(
+            "{what} of {p:p} at {}: already freed (allocated at {}:{})",
+            at(file, line),
+            site.file(),
+            site.line
+        ))
+    } else if m == magic(ENDED, h) {
+        fatal(&format!(
+            "{what} of {p:p} at {}: the block escaped a worker arena that has ended",
+            at(file, line)
+        ))
+    } else {
+        fatal(&format!(
+            "{what} of {p:p} at {}: not a block from lunet_malloc (or from a released arena)",
+            at(file, line)
+        ))
+    }
+}
+
+/// Frees the live block `h`.
+///
+/// # Safety
+/// `h` is from [`live_header`], and nothing freed it since.
+#[inline(always)]
+unsafe fn free_block(l: &mut ThreadState, h: *mut Header, file: *const c_char, line: c_int) {
+    // SAFETY: a live header (checked).
+    let Header {
+        size,
+        counts,
+        arena,
+        ..
+    } = unsafe { *h };
+    // SAFETY: counts live forever.
+    if unsafe { (*counts).owner } != l.serial {
+        // SAFETY: forwarded contract.
+        return unsafe { free_foreign_block(l, h, file, line) };
+    }
+    // SAFETY: a live header (checked).
+    unsafe { (*h).magic = magic(FREED, h) };
+    l.count_freed(counts, size);
+    if arena.is_null() {
+        l.quarantine(h);
+    } else {
+        // SAFETY: the block was made by this thread (its counts are this thread's), so its arena
+        // is this thread's; an arena outlives its live blocks' headers (ending it marks them).
+        unsafe {
+            (*arena).live_blocks -= 1;
+            (*arena).live_bytes -= size as i64;
+        }
+    }
+}
+
+/// [`free_block`] of a block another thread made: counted in this thread's counts of its site.
+///
+/// # Safety
+/// As for [`free_block`].
+#[cold]
+#[inline(never)]
+unsafe fn free_foreign_block(
+    l: &mut ThreadState,
+    h: *mut Header,
+    file: *const c_char,
+    line: c_int,
+) {
+    // SAFETY: a live header (checked).
+    let Header {
+        size,
+        counts,
+        arena,
+        ..
+    } = unsafe { *h };
+    if !arena.is_null() {
+        fatal(&format!(
+            "free of {:p} at {}: a worker arena's block, freed on another thread",
+            h.wrapping_add(1),
+            at(file, line)
+        ));
+    }
+    // SAFETY: a live header (checked).
+    unsafe { (*h).magic = magic(FREED, h) };
+    // SAFETY: counts live forever, and their site.
+    let mine = l.counts_of(unsafe { (*counts).site });
+    l.count_freed(mine, size);
+    l.quarantine(h);
+}
+
+/// `lunet_malloc(size)` in tracing builds without a call-site slot: a block of `size` bytes
+/// (16-byte aligned), from this thread's worker arena if one is open, else from the heap; NULL
+/// if out of memory.
+///
+/// # Safety
+/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`).
 #[no_mangle]
 pub unsafe extern "C" fn lunet_mem_malloc_at(
     size: usize,
     file: *const c_char,
     line: c_int,
 ) -> *mut c_void {
-    let Some(total) = size.checked_add(HEADER) else {
-        return ptr::null_mut();
-    };
-    with_local(|l| {
-        let (header, arena) = match l.arenas.last() {
-            Some(arena) => {
-                let Ok(layout) = std::alloc::Layout::from_size_align(total, ALIGN) else {
-                    return ptr::null_mut();
-                };
-                // SAFETY: only this thread (the owner) allocates in its arena.
-                let bump = unsafe { &*arena.bump.get() };
-                let Ok(mem) = bump.try_alloc_layout(layout) else {
-                    return ptr::null_mut();
-                };
-                let h = mem.as_ptr() as *mut Header;
-                // SAFETY: as above.
-                unsafe { (*arena.blocks.get()).push(h) };
-                arena.live_blocks.set(arena.live_blocks.get() + 1);
-                arena.live_bytes.set(arena.live_bytes.get() + size as i64);
-                (h, Arc::as_ptr(arena))
-            }
-            None => {
-                // SAFETY: plain allocation; mimalloc aligns blocks of 16 bytes and more to 16.
-                let mem = unsafe { libmimalloc_sys::mi_malloc(total) };
-                if mem.is_null() {
-                    return ptr::null_mut();
-                }
-                (mem as *mut Header, ptr::null())
-            }
-        };
-        let (site, counts) = l.site(file, line);
-        counts.count(size, true);
-        l.counters.counts.count(size, true);
-        let c = &l.counters.counts;
-        let live = c.bytes_allocated.load(Relaxed) as i64 - c.bytes_freed.load(Relaxed) as i64;
-        if live > l.counters.peak_bytes.load(Relaxed) {
-            l.counters.peak_bytes.store(live, Relaxed);
-        }
-        // SAFETY: `header` points to at least HEADER writable bytes.
-        unsafe {
-            header.write(Header {
-                magic: LIVE,
-                size,
-                site,
-                arena,
-            })
-        };
-        // SAFETY: the payload follows the header inside the block.
-        unsafe { (header as *mut u8).add(HEADER) as *mut c_void }
-    })
+    // SAFETY: this thread's state, and no other reference to it (see `state`).
+    let l = unsafe { &mut *state() };
+    let counts = l.counts_at(file, line);
+    alloc(l, size, counts)
 }
 
-/// The header of a block given to C, checked: aborts with a clear message for a double free or a
-/// pointer this library did not make.
+/// `lunet_malloc(size)` in tracing builds: [`lunet_mem_malloc_at`], with the call site's slot.
 ///
 /// # Safety
-/// `p` is non-null.
-unsafe fn header_of(p: *mut c_void, what: &str, file: *const c_char, line: c_int) -> *mut Header {
-    // Blocks on the heap come from mimalloc: anything else is foreign (and is not read).
-    // SAFETY: checking an address, reading nothing.
-    let on_heap = unsafe { libmimalloc_sys::mi_is_in_heap_region(p) };
-    // SAFETY: our blocks have a header in front; for a foreign pointer inside mimalloc's region
-    // (an arena chunk or another library's block) the magic check below catches it.
-    let h = unsafe { (p as *mut u8).sub(HEADER) } as *mut Header;
-    // SAFETY: `h` is inside mimalloc's memory (arena chunks come from it too).
-    let magic = if on_heap { unsafe { (*h).magic } } else { 0 };
-    match magic {
-        LIVE => h,
-        FREED => {
-            // SAFETY: a freed header keeps its site.
-            let site = unsafe { &*(*h).site };
-            fatal(&format!(
-                "{what} of {p:p} at {}: already freed (allocated at {}:{})",
-                at(file, line),
-                site.file(),
-                site.line
-            ))
-        }
-        ENDED => fatal(&format!(
-            "{what} of {p:p} at {}: the block escaped a worker arena that has ended",
-            at(file, line)
-        )),
-        _ => fatal(&format!(
-            "{what} of {p:p} at {}: not a block from lunet_malloc (or from a released arena)",
-            at(file, line)
-        )),
-    }
+/// `slot` is NULL or a slot used only for this `file:line` (a `static` at the call site);
+/// `file` as in [`lunet_mem_malloc_at`].
+#[no_mangle]
+pub unsafe extern "C" fn lunet_mem_malloc_site(
+    size: usize,
+    slot: *const SiteSlot,
+    file: *const c_char,
+    line: c_int,
+) -> *mut c_void {
+    // SAFETY: this thread's state, and no other reference to it (see `state`).
+    let l = unsafe { &mut *state() };
+    // SAFETY: forwarded contract.
+    let counts = unsafe { l.counts_in_slot(slot, file, line) };
+    alloc(l, size, counts)
 }
 
 /// `lunet_free(p)` in tracing builds. NULL is ignored.
 ///
 /// # Safety
-/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`);
-/// pointer arguments are NULL or what the header says they are.
+/// `p` is NULL or a pointer the C code holds (a bad one is reported, see [`live_header`]);
+/// `file` as in [`lunet_mem_malloc_at`].
 #[no_mangle]
 pub unsafe extern "C" fn lunet_mem_free_at(p: *mut c_void, file: *const c_char, line: c_int) {
     if p.is_null() {
         return;
     }
-    // SAFETY: `p` is not null.
-    let h = unsafe { header_of(p, "free", file, line) };
-    // SAFETY: a live header (checked).
-    let (size, site, arena) = unsafe { ((*h).size, &*(*h).site, (*h).arena) };
-    with_local(|l| {
-        if !arena.is_null() {
-            // SAFETY: an arena outlives its live blocks' headers (they are checked LIVE above).
-            let arena = unsafe { &*arena };
-            if !ptr::eq(arena.owner, &*l) {
-                fatal(&format!(
-                    "free of {p:p} at {}: a worker arena's block, freed on another thread",
-                    at(file, line)
-                ));
-            }
-            arena.live_blocks.set(arena.live_blocks.get() - 1);
-            arena.live_bytes.set(arena.live_bytes.get() - size as i64);
-        }
-        // SAFETY: as above.
-        unsafe { (*h).magic = FREED };
-        l.counts_of(site).count(size, false);
-        l.counters.counts.count(size, false);
-        if arena.is_null() {
-            l.quarantine.push(h);
-        }
-    });
+    // SAFETY: a non-null pointer the C code holds (the contract).
+    let h = unsafe { live_header(p, "free", file, line) };
+    // SAFETY: this thread's state, and no other reference to it (see `state`).
+    let l = unsafe { &mut *state() };
+    // SAFETY: checked just now.
+    unsafe { free_block(l, h, file, line) };
 }
 
-/// `lunet_realloc(p, size)` in tracing builds (`p` NULL: malloc; `size` 0: free, returns NULL).
+/// `realloc`, with the new block counted in `counts` (one of this thread's).
 ///
 /// # Safety
-/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`);
-/// pointer arguments are NULL or what the header says they are.
+/// `p` as in [`lunet_mem_free_at`].
+unsafe fn realloc(
+    l: &mut ThreadState,
+    p: *mut c_void,
+    size: usize,
+    counts: *const SiteCounts,
+    file: *const c_char,
+    line: c_int,
+) -> *mut c_void {
+    if p.is_null() {
+        return alloc(l, size, counts);
+    }
+    // SAFETY: a non-null pointer the C code holds (the contract).
+    let h = unsafe { live_header(p, "realloc", file, line) };
+    if size == 0 {
+        // SAFETY: checked just now.
+        unsafe { free_block(l, h, file, line) };
+        return ptr::null_mut();
+    }
+    // SAFETY: a live header (checked).
+    let old = unsafe { (*h).size };
+    let new = alloc(l, size, counts);
+    if !new.is_null() {
+        // SAFETY: both blocks are at least `min(old, size)` bytes; `p` is live (checked).
+        unsafe { ptr::copy_nonoverlapping(p.cast::<u8>(), new.cast::<u8>(), old.min(size)) };
+        // SAFETY: checked above; making `new` did not free it.
+        unsafe { free_block(l, h, file, line) };
+    }
+    new
+}
+
+/// `lunet_realloc(p, size)` in tracing builds without a call-site slot (`p` NULL: malloc;
+/// `size` 0: free, returns NULL).
+///
+/// # Safety
+/// `p` as in [`lunet_mem_free_at`]; `file` as in [`lunet_mem_malloc_at`].
 #[no_mangle]
 pub unsafe extern "C" fn lunet_mem_realloc_at(
     p: *mut c_void,
@@ -558,27 +1023,33 @@ pub unsafe extern "C" fn lunet_mem_realloc_at(
     file: *const c_char,
     line: c_int,
 ) -> *mut c_void {
-    if p.is_null() {
-        // SAFETY: forwarded contract.
-        return unsafe { lunet_mem_malloc_at(size, file, line) };
-    }
-    if size == 0 {
-        // SAFETY: forwarded contract.
-        unsafe { lunet_mem_free_at(p, file, line) };
-        return ptr::null_mut();
-    }
-    // SAFETY: `p` is not null.
-    let old = unsafe { (*header_of(p, "realloc", file, line)).size };
+    // SAFETY: this thread's state, and no other reference to it (see `state`).
+    let l = unsafe { &mut *state() };
+    let counts = l.counts_at(file, line);
     // SAFETY: forwarded contract.
-    let new = unsafe { lunet_mem_malloc_at(size, file, line) };
-    if !new.is_null() {
-        // SAFETY: both blocks are at least `min(old, size)` bytes; `p` is live (checked).
-        unsafe {
-            ptr::copy_nonoverlapping(p as *const u8, new as *mut u8, old.min(size));
-            lunet_mem_free_at(p, file, line);
-        }
-    }
-    new
+    unsafe { realloc(l, p, size, counts, file, line) }
+}
+
+/// `lunet_realloc(p, size)` in tracing builds: [`lunet_mem_realloc_at`], with the call site's
+/// slot.
+///
+/// # Safety
+/// `slot` as in [`lunet_mem_malloc_site`]; `p` as in [`lunet_mem_free_at`]; `file` as in
+/// [`lunet_mem_malloc_at`].
+#[no_mangle]
+pub unsafe extern "C" fn lunet_mem_realloc_site(
+    p: *mut c_void,
+    size: usize,
+    slot: *const SiteSlot,
+    file: *const c_char,
+    line: c_int,
+) -> *mut c_void {
+    // SAFETY: this thread's state, and no other reference to it (see `state`).
+    let l = unsafe { &mut *state() };
+    // SAFETY: forwarded contract.
+    let counts = unsafe { l.counts_in_slot(slot, file, line) };
+    // SAFETY: forwarded contract.
+    unsafe { realloc(l, p, size, counts, file, line) }
 }
 
 // ---------------------------------------------------------------------------------------------
