@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use mlua::ffi::{self, lua_State};
 
+use crate::arena::{self, ArenaSet};
 use crate::scope::Scope;
 
 /// The allocator signature Lua uses (`lua_Alloc`).
@@ -80,6 +81,9 @@ pub struct Tracker {
     active: Cell<*const Scope>,
     /// Keeps the active scope alive (the Lua objects that own scopes may be collected first).
     active_owner: Cell<Option<Rc<Scope>>>,
+    /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
+    /// scope may refer to an arena.
+    pub arenas: ArenaSet,
 }
 
 impl Tracker {
@@ -103,7 +107,14 @@ impl Tracker {
             closing: Cell::new(ptr::null_mut()),
             active: Cell::new(ptr::null()),
             active_owner: Cell::new(None),
+            arenas: ArenaSet::default(),
         }
+    }
+
+    /// Blocks the hook must see freed before the state can get its own allocator back: those
+    /// from mimalloc and those in arenas.
+    pub fn own_blocks(&self) -> i64 {
+        self.mi_blocks.get() + self.arenas.live_blocks.get() as i64
     }
 
     /// Blocks allocated minus blocks freed since install (blocks made before install are not
@@ -267,15 +278,15 @@ unsafe fn serve<const MIMALLOC: bool>(
     }
 }
 
-/// In `lua_close`, once no mimalloc block is live: gives the state its own allocator back and
-/// frees the tracker. Returns whether it did (then `ud` is gone).
+/// In `lua_close`, once no block of ours (mimalloc's or an arena's) is live: gives the state its
+/// own allocator back and frees the tracker. Returns whether it did (then `ud` is gone).
 ///
 /// # Safety
 /// `ud` is the live tracker `t`; `t.closing` is the closing state's main thread.
 #[cold]
 #[inline(never)]
 unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
-    if t.mi_blocks.get() > 0 {
+    if t.own_blocks() > 0 {
         return false;
     }
     let L = t.closing.get();
@@ -284,13 +295,103 @@ unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
     // write the global state's allocator fields.
     unsafe {
         let installed = ffi::lua_getallocf(L, &mut installed_ud);
-        if hook_kind(installed) != Some(Serve::Mimalloc) || installed_ud != ud {
+        if !is_tracking_alloc(installed) || installed_ud != ud {
             return false; // something wrapped us: the hook stays until the last block
         }
         ffi::lua_setallocf(L, t.host_alloc, t.host_ud);
         drop(Box::from_raw(ud as *mut Tracker));
     }
     true
+}
+
+/// After a block was freed: ends the tracker if the state is closing and that was the last
+/// block of ours, or if it was the state's last block. Returns whether the tracker is gone.
+///
+/// # Safety
+/// `ud` is the live tracker `t`, not used by the caller if this returns true.
+#[inline(always)]
+unsafe fn after_free(t: &Tracker, ud: *mut c_void) -> bool {
+    // SAFETY: `closing` is set only by the sentinel's finalizer in `lua_close`.
+    if !t.closing.get().is_null() && unsafe { finish_close(t, ud) } {
+        return true;
+    }
+    if t.live_bytes.get() == 0 {
+        // SAFETY: the state is gone (see `hook`); `t` is not used after this.
+        unsafe { drop(Box::from_raw(ud as *mut Tracker)) };
+        return true;
+    }
+    false
+}
+
+/// A new block of `nsize` bytes (`tag`: Lua 5.2+'s type tag, else 0): in the active scope's
+/// arena if it has one and the block is an object (on 5.1 and LuaJIT, which pass no tag, every
+/// new block), else from where `MIMALLOC` says.
+///
+/// # Safety
+/// The `lua_Alloc` contract for a new block; `nsize > 0`.
+#[inline(always)]
+unsafe fn new_block<const MIMALLOC: bool>(t: &Tracker, tag: usize, nsize: usize) -> *mut c_void {
+    let scope = t.active.get();
+    if !scope.is_null() {
+        // SAFETY: a non-null `active` is kept alive by `active_owner`.
+        let arena = unsafe { (*scope).arena() };
+        if !arena.is_null() && (!cfg!(type_tags) || tag != 0) && !t.arenas.paused.get() {
+            // SAFETY: a scope's arena lives while the scope does.
+            let block = unsafe { t.arenas.alloc(arena, nsize) };
+            if !block.is_null() {
+                return block;
+            }
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { serve::<MIMALLOC>(t, ptr::null_mut(), tag, nsize) }
+}
+
+/// Frees or resizes an arena block (see `crate::arena`). A resize stays in place when it can,
+/// else moves the block: to the same arena if it is the active one, else where `MIMALLOC`
+/// says. The arena only counts the free of the old block.
+///
+/// # Safety
+/// As for [`hook`], with `block` an arena block of `t`'s state.
+#[inline(never)]
+unsafe fn arena_block<const MIMALLOC: bool>(
+    t: &Tracker,
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: the caller's contract: `block` is a live arena block of `osize` bytes.
+    unsafe {
+        if nsize == 0 {
+            t.arenas.free(block, osize);
+            t.on_free(osize);
+            after_free(t, ud);
+            return ptr::null_mut();
+        }
+        if t.arenas.resize_in_place(block, osize, nsize) {
+            t.on_realloc(osize, nsize);
+            return block;
+        }
+        let scope = t.active.get();
+        let mut moved = ptr::null_mut();
+        if !scope.is_null() {
+            let arena = (*scope).arena();
+            if !arena.is_null() && t.arenas.owner_is(block, arena) {
+                moved = t.arenas.alloc(arena, nsize);
+            }
+        }
+        if moved.is_null() {
+            moved = serve::<MIMALLOC>(t, ptr::null_mut(), 0, nsize);
+            if moved.is_null() {
+                return moved;
+            }
+        }
+        ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
+        t.arenas.free(block, osize);
+        t.on_realloc(osize, nsize);
+        moved
+    }
 }
 
 /// The body of both hooks ([`lunet_mem_alloc_host`], [`lunet_mem_alloc_mimalloc`]): serve the call, then count what succeeded.
@@ -302,8 +403,8 @@ unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
 /// only when the allocation succeeded.
 ///
 /// How the tracker ends: in `lua_close`, the sentinel's finalizer gives the state its own
-/// allocator back (host serving), or marks the tracker closing and the hook does it once no
-/// mimalloc block is live (mimalloc serving). If neither could (another allocator wrapped ours),
+/// allocator back (host serving, no arena block live), or marks the tracker closing and the hook
+/// does it once no block of ours is live. If neither could (another allocator wrapped ours),
 /// the free that brings `live_bytes` to 0 frees the tracker: that is the state's last block (its
 /// main thread and global state, freed last by `lua_close`), and no call can follow.
 ///
@@ -319,27 +420,29 @@ unsafe fn hook<const MIMALLOC: bool>(
 ) -> *mut c_void {
     // SAFETY: the caller guarantees `ud` is a live Tracker.
     let tracker = unsafe { &*(ud as *const Tracker) };
+    if block.is_null() {
+        if nsize == 0 {
+            return ptr::null_mut();
+        }
+        // SAFETY: forwarded contract.
+        let result = unsafe { new_block::<MIMALLOC>(tracker, osize, nsize) };
+        if !result.is_null() {
+            tracker.on_alloc(nsize, osize);
+        }
+        return result;
+    }
+    if arena::contains(block) {
+        // SAFETY: forwarded contract; blocks in the arenas' range are arena blocks.
+        return unsafe { arena_block::<MIMALLOC>(tracker, ud, block, osize, nsize) };
+    }
     // SAFETY: forwarded contract.
     let result = unsafe { serve::<MIMALLOC>(tracker, block, osize, nsize) };
     if nsize == 0 {
-        if !block.is_null() {
-            tracker.on_free(osize);
-            // SAFETY: `closing` is set only by the sentinel's finalizer in `lua_close`.
-            if MIMALLOC && !tracker.closing.get().is_null() && unsafe { finish_close(tracker, ud) }
-            {
-                return result;
-            }
-            if tracker.live_bytes.get() == 0 {
-                // SAFETY: the state is gone (see above); `tracker` is not used after this.
-                unsafe { drop(Box::from_raw(ud as *mut Tracker)) };
-            }
-        }
+        tracker.on_free(osize);
+        // SAFETY: `tracker` is not used after this.
+        unsafe { after_free(tracker, ud) };
     } else if !result.is_null() {
-        if block.is_null() {
-            tracker.on_alloc(nsize, osize);
-        } else {
-            tracker.on_realloc(osize, nsize);
-        }
+        tracker.on_realloc(osize, nsize);
     }
     result
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![allow(non_snake_case)] // `L` for a `lua_State`, as in Lua's own source.
 
+pub mod arena;
 pub mod capi;
 pub mod hook;
 pub mod lua_api;

@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use mlua::ffi::{self, lua_State};
 
+use crate::arena;
 use crate::hook::{Tracker, TYPE_SLOTS};
 use crate::scope::{Scope, ThreadScopes};
 use crate::state;
@@ -223,6 +224,13 @@ struct Snapshot {
     baseline_bytes: u64,
     type_allocs: [u64; TYPE_SLOTS],
     type_bytes: [u64; TYPE_SLOTS],
+    arena_bytes: u64,
+    arena_live_bytes: u64,
+    arena_live_blocks: u64,
+    arena_pool_bytes: u64,
+    arenas: u64,
+    arenas_reclaimed: u64,
+    gc_cycles: u64,
 }
 
 impl Snapshot {
@@ -238,6 +246,13 @@ impl Snapshot {
             baseline_bytes: t.baseline_bytes,
             type_allocs: t.type_allocs.each_ref().map(|c| c.get()),
             type_bytes: t.type_bytes.each_ref().map(|c| c.get()),
+            arena_bytes: t.arenas.reserved_bytes.get(),
+            arena_live_bytes: t.arenas.live_bytes.get(),
+            arena_live_blocks: t.arenas.live_blocks.get(),
+            arena_pool_bytes: t.arenas.pool_bytes.get(),
+            arenas: t.arenas.count.get(),
+            arenas_reclaimed: t.arenas.reclaimed.get(),
+            gc_cycles: t.arenas.gc_cycles.get(),
         }
     }
 }
@@ -267,7 +282,7 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; nothing with a destructor is alive when it may raise.
     unsafe {
         let s = Snapshot::of(check_tracker(L));
-        ffi::lua_createtable(L, 0, 12);
+        ffi::lua_createtable(L, 0, 20);
         set_int(L, c"live_bytes", s.live_bytes as i64);
         set_int(L, c"peak_bytes", s.peak_bytes as i64);
         set_int(L, c"allocs", s.allocs as i64);
@@ -277,6 +292,13 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
         set_int(L, c"bytes_freed", s.bytes_freed as i64);
         set_int(L, c"baseline_bytes", s.baseline_bytes as i64);
         set_int(L, c"net_blocks", s.allocs as i64 - s.frees as i64);
+        set_int(L, c"arena_bytes", s.arena_bytes as i64);
+        set_int(L, c"arena_live_bytes", s.arena_live_bytes as i64);
+        set_int(L, c"arena_live_blocks", s.arena_live_blocks as i64);
+        set_int(L, c"arena_pool_bytes", s.arena_pool_bytes as i64);
+        set_int(L, c"arenas", s.arenas as i64);
+        set_int(L, c"arenas_reclaimed", s.arenas_reclaimed as i64);
+        set_int(L, c"gc_cycles", s.gc_cycles as i64);
         #[cfg(type_tags)]
         {
             ffi::lua_createtable(L, 0, 8);
@@ -448,14 +470,40 @@ unsafe fn thread_scopes<'a>(
     }
 }
 
+/// The arena option at `idx` as `core` gets it from mem.lua: nil or false for none, else the
+/// first chunk's size in bytes (0: the default), already checked.
+///
+/// # Safety
+/// `L` valid, `idx` acceptable.
+unsafe fn arena_option(L: *mut lua_State, idx: c_int) -> Option<usize> {
+    // SAFETY: valid state and index.
+    unsafe {
+        if ffi::lua_type(L, idx) != ffi::LUA_TNUMBER {
+            return None;
+        }
+        let bytes = ffi::lua_tointeger(L, idx).max(0) as usize;
+        Some(if bytes == 0 {
+            arena::DEFAULT_CHUNK
+        } else {
+            bytes.clamp(arena::DEFAULT_CHUNK, arena::MAX_CHUNK)
+        })
+    }
+}
+
 /// Opens a scope named by the string at `name_idx` (or "scope") in the running thread and makes
-/// it active; returns its token (the scope's address).
+/// it active, with an arena of its own if `arena` says so (see [`arena_option`]); returns its
+/// token (the scope's address).
 ///
 /// # Safety
 /// `L` valid with 4 free slots, `t` its tracker. The only allocations (the thread's scope
 /// record, the name) happen before the scope is active; nothing with a destructor is alive when
 /// they may raise.
-unsafe fn open_scope(L: *mut lua_State, t: &Tracker, name_idx: c_int) -> *const Scope {
+unsafe fn open_scope(
+    L: *mut lua_State,
+    t: &Tracker,
+    name_idx: c_int,
+    arena: Option<usize>,
+) -> *const Scope {
     // SAFETY: forwarded contract.
     unsafe {
         let ts = thread_scopes(L, 0, true).expect("created");
@@ -470,7 +518,7 @@ unsafe fn open_scope(L: *mut lua_State, t: &Tracker, name_idx: c_int) -> *const 
         if ts.stack.is_empty() {
             ts.base = parent.clone();
         }
-        let scope = Rc::new(Scope::new(name, parent));
+        let scope = Rc::new(Scope::new(name, parent, arena, &t.arenas));
         let token = Rc::as_ptr(&scope);
         ts.stack.push(scope.clone());
         t.set_active_scope(Some(scope));
@@ -491,7 +539,7 @@ unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_
         let top = match thread_scopes(L, 0, false) {
             Some(ts) if ts.stack.last().is_some_and(|s| Rc::as_ptr(s) == token) => {
                 let top = ts.stack.pop().expect("checked");
-                top.closed.set(true);
+                top.close();
                 t.set_active_scope(ts.effective());
                 top
             }
@@ -505,13 +553,14 @@ unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_
     }
 }
 
-/// `core.scope_open(name)`: opens a scope in the running thread and makes it active. Returns a
-/// token (light userdata) for `scope_close`.
+/// `core.scope_open(name, arena)`: opens a scope in the running thread and makes it active.
+/// Returns a token (light userdata) for `scope_close`.
 unsafe extern "C-unwind" fn l_scope_open(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         let t = check_tracker(L);
-        let token = open_scope(L, t, 1);
+        let arena = arena_option(L, 2);
+        let token = open_scope(L, t, 1, arena);
         ffi::lua_pushlightuserdata(L, token as *mut c_void);
     }
     1
@@ -533,7 +582,7 @@ unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
     ];
     // SAFETY: valid state.
     unsafe {
-        ffi::lua_createtable(L, 0, 9);
+        ffi::lua_createtable(L, 0, 10);
         for (key, value) in counters {
             set_int(L, key, value);
         }
@@ -541,6 +590,14 @@ unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
         ffi::lua_setfield(L, -2, c"name".as_ptr());
         ffi::lua_pushboolean(L, scope.closed.get() as c_int);
         ffi::lua_setfield(L, -2, c"closed".as_ptr());
+        if let Some(a) = scope.own_arena() {
+            ffi::lua_createtable(L, 0, 4);
+            set_int(L, c"live_bytes", a.live_bytes.get() as i64);
+            set_int(L, c"live_blocks", a.live_blocks.get() as i64);
+            set_int(L, c"blocks", a.blocks.get() as i64);
+            set_int(L, c"reserved_bytes", a.reserved_bytes.get() as i64);
+            ffi::lua_setfield(L, -2, c"arena".as_ptr());
+        }
     }
 }
 
@@ -731,7 +788,9 @@ pub unsafe fn push_core(L: *mut lua_State) {
         let saved = ffi::lua_gettop(L);
 
         ffi::lua_createtable(L, 0, 24);
-        let functions: [(&CStr, ffi::lua_CFunction); 20] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 22] = [
+            (c"arenas", l_arenas),
+            (c"arena_pause", l_arena_pause),
             (c"stats", l_stats),
             (c"reset_peak", l_reset_peak),
             (c"live", l_live),
@@ -769,10 +828,96 @@ pub unsafe fn push_core(L: *mut lua_State) {
         ffi::lua_setfield(L, -2, c"checkpoint_mt".as_ptr());
         new_metatable::<Rc<Scope>>(L, SCOPE_MT);
         ffi::lua_setfield(L, -2, c"scope_mt".as_ptr());
+        if !t.arenas.ticking.get() {
+            ffi::lua_createtable(L, 0, 1);
+            ffi::lua_pushcfunction(L, l_gc_tick);
+            ffi::lua_setfield(L, -2, c"__gc".as_ptr());
+            ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
+            arm_gc_tick(L);
+            t.arenas.ticking.set(true);
+        }
         // The loading thread (usually the main one) gets its scope table now, so that its first
         // scope does not allocate one inside somebody's measurement.
         thread_scopes(L, 0, true);
     }
+}
+
+/// `core.arenas()`: an array of the arenas not reclaimed, newest first, each a table with
+/// `name`, `live_bytes`, `live_blocks`, `blocks`, `reserved_bytes`, `running` (its scope has not
+/// ended), `age` (GC cycles since the scope ended, 0 while it runs) and `pinned` (age >= 2: a
+/// whole cycle began and ended after the scope did, and objects of the scope are still alive).
+unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua. The list is copied first: building the tables may run the
+    // collector, which frees blocks and reclaims arenas. The copy is dropped before the only
+    // calls that may raise (memory) could leave it behind... which they cannot: Rust values are
+    // dropped by the `for` loop only on the normal path, so a memory error here leaks the copy
+    // (a few names), never anything of Lua's.
+    unsafe {
+        let t = check_tracker(L);
+        let list = t.arenas.list();
+        ffi::lua_createtable(L, list.len().min(1 << 20) as c_int, 0);
+        for (i, a) in list.iter().enumerate() {
+            ffi::lua_createtable(L, 0, 8);
+            push_str(L, &a.name);
+            ffi::lua_setfield(L, -2, c"name".as_ptr());
+            set_int(L, c"live_bytes", a.live_bytes as i64);
+            set_int(L, c"live_blocks", a.live_blocks as i64);
+            set_int(L, c"blocks", a.blocks as i64);
+            set_int(L, c"reserved_bytes", a.reserved_bytes as i64);
+            set_int(L, c"age", a.age.unwrap_or(0) as i64);
+            ffi::lua_pushboolean(L, a.age.is_none() as c_int);
+            ffi::lua_setfield(L, -2, c"running".as_ptr());
+            ffi::lua_pushboolean(L, a.age.is_some_and(|age| age >= 2) as c_int);
+            ffi::lua_setfield(L, -2, c"pinned".as_ptr());
+            ffi::lua_rawseti(L, -2, (i + 1) as _);
+        }
+        drop(list);
+    }
+    1
+}
+
+/// `core.arena_pause(on)`: while on, new blocks are not placed in arenas (LuaJIT's trace
+/// events turn it on while a trace is recorded and compiled; see mem.lua).
+unsafe extern "C-unwind" fn l_arena_pause(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        t.arenas.paused.set(ffi::lua_toboolean(L, 1) != 0);
+    }
+    0
+}
+
+/// Registry key of the metatable of the GC cycle counter.
+const GC_TICK_MT: &CStr = c"lunet.mem.gc_tick";
+
+/// Makes a new unreachable userdata whose finalizer is [`l_gc_tick`].
+///
+/// # Safety
+/// `L` valid with 2 free slots, the metatable registered. May raise (memory).
+unsafe fn arm_gc_tick(L: *mut lua_State) {
+    // SAFETY: valid state.
+    unsafe {
+        ffi::lua_newuserdata(L, 0);
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
+        ffi::lua_setmetatable(L, -2);
+        ffi::lua_pop(L, 1);
+    }
+}
+
+/// Finalizer of the GC cycle counter: a cycle ended (the counter was unreachable in it); counts
+/// it and arms a new counter for the next cycle. Arenas measure their age with it.
+unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua as a finalizer.
+    unsafe {
+        if let Some(t) = state::tracker(L) {
+            if t.closing.get().is_null() {
+                t.arenas.gc_cycles.set(t.arenas.gc_cycles.get() + 1);
+                ffi::luaL_checkstack(L, 2, ptr::null());
+                arm_gc_tick(L);
+            }
+        }
+    }
+    0
 }
 
 /// `core.gc_count_bytes()`: the state's own count, read in the same call (for tests).
@@ -964,7 +1109,7 @@ unsafe extern "C-unwind" fn l_measured_call(L: *mut lua_State) -> c_int {
 const YIELD_ERROR: &[u8] = b"attempt to yield across metamethod/C-call boundary";
 
 /// `core.make_scope(prepare, names)`: the C `mem.scope`, with the Lua function that checks the
-/// arguments of the general forms (`prepare(a, b)` returns `name, on_exit, fn_index`) and the
+/// arguments of the general forms (`prepare(a, b)` returns `name, on_exit, arena, fn_index`) and the
 /// weak table of default names by function.
 #[cfg(c_scope)]
 unsafe extern "C-unwind" fn l_make_scope(L: *mut lua_State) -> c_int {
@@ -987,6 +1132,7 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
         let t = check_tracker(L);
         let base = ffi::lua_gettop(L);
         ffi::luaL_checkstack(L, base + 8, c"too many arguments".as_ptr());
+        let mut arena = None;
         let fn_at = match (ffi::lua_type(L, 1), ffi::lua_type(L, 2)) {
             (ffi::LUA_TSTRING, ffi::LUA_TFUNCTION) => {
                 ffi::lua_pushvalue(L, 1);
@@ -1014,14 +1160,15 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
                             ffi::lua_pushnil(L);
                         }
                     }
-                    ffi::lua_call(L, 2, 3);
+                    ffi::lua_call(L, 2, 4);
                     let at = ffi::lua_tointeger(L, -1) as c_int;
-                    ffi::lua_pop(L, 1);
+                    arena = arena_option(L, -2);
+                    ffi::lua_pop(L, 2);
                     at
                 }
             }
         };
-        let token = open_scope(L, t, base + 1);
+        let token = open_scope(L, t, base + 1, arena);
         ffi::lua_pushlightuserdata(L, token as *mut c_void);
         for i in fn_at..=base {
             ffi::lua_pushvalue(L, i);

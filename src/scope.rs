@@ -8,6 +8,8 @@ use std::cell::Cell;
 use std::ptr;
 use std::rc::Rc;
 
+use crate::arena::{Arena, ArenaSet};
+
 /// One scope and its counters (see the `scope:stats()` fields in the README).
 pub struct Scope {
     pub name: Rc<str>,
@@ -27,11 +29,32 @@ pub struct Scope {
     /// `parent` as a raw pointer for the allocation hook. Invariant: equal to `parent`'s pointer
     /// (or null), so it is valid as long as `self` is.
     parent_ptr: *const Scope,
+    /// The arena new objects go to while this scope is active: its own (`owns_arena`), the one
+    /// of the scope it was opened in, or null. Invariant: the scope is one of the arena's users
+    /// (`Arena::add_user`), so the arena lives as long as the scope.
+    arena: *mut Arena,
+    owns_arena: bool,
 }
 
 impl Scope {
-    pub fn new(name: Rc<str>, parent: Option<Rc<Scope>>) -> Scope {
+    /// A scope opened inside `parent`. With `arena: Some(first_chunk)` it gets an arena of its
+    /// own in `arenas`; else it uses its parent's arena, if any.
+    pub fn new(
+        name: Rc<str>,
+        parent: Option<Rc<Scope>>,
+        arena: Option<usize>,
+        arenas: &ArenaSet,
+    ) -> Scope {
         let parent_ptr = parent.as_ref().map_or(ptr::null(), Rc::as_ptr);
+        let (arena, owns_arena) = match (arena, &parent) {
+            (Some(first_chunk), _) => (arenas.open(name.clone(), first_chunk), true),
+            (None, Some(p)) if !p.arena.is_null() => {
+                // SAFETY: the parent is a user of its arena, so it is live.
+                unsafe { Arena::add_user(p.arena) };
+                (p.arena, false)
+            }
+            _ => (ptr::null_mut(), false),
+        };
         Scope {
             name,
             allocs: Cell::new(0),
@@ -44,6 +67,30 @@ impl Scope {
             closed: Cell::new(false),
             parent,
             parent_ptr,
+            arena,
+            owns_arena,
+        }
+    }
+
+    /// The arena new objects go to while this scope is active, or null.
+    #[inline(always)]
+    pub fn arena(&self) -> *mut Arena {
+        self.arena
+    }
+
+    /// Its own arena, if it has one (not one inherited from the scope it was opened in).
+    pub fn own_arena(&self) -> Option<&Arena> {
+        // SAFETY: the scope is a user of its arena (see `arena`'s invariant).
+        self.owns_arena.then(|| unsafe { &*self.arena })
+    }
+
+    /// Ends the scope: its counters stop, and its own arena takes no more blocks (it is
+    /// reclaimed once the collector has freed every block in it).
+    pub fn close(&self) {
+        self.closed.set(true);
+        if self.owns_arena {
+            // SAFETY: the scope is a user of its arena.
+            unsafe { Arena::end(self.arena) };
         }
     }
 
@@ -118,6 +165,18 @@ impl Scope {
                 s.freed_bytes.set(s.freed_bytes.get() + osize);
                 s.add_net(nsize as i64 - osize as i64);
             })
+        }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if !self.arena.is_null() {
+            // A scope dropped without closing (its coroutine was collected while suspended in
+            // it): its arena ends now.
+            self.close();
+            // SAFETY: the scope was one of the arena's users.
+            unsafe { Arena::drop_user(self.arena) };
         }
     }
 }

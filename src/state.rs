@@ -5,7 +5,7 @@ use std::ptr;
 
 use mlua::ffi::{self, lua_State};
 
-use crate::hook::{hook_for, hook_kind, is_tracking_alloc, Serve, Tracker};
+use crate::hook::{hook_for, is_tracking_alloc, Serve, Tracker};
 
 /// Registry key of the userdata whose finalizer removes the tracker when the state closes.
 const SENTINEL_KEY: &std::ffi::CStr = c"lunet.mem.sentinel";
@@ -109,8 +109,8 @@ unsafe fn push_sentinel(L: *mut lua_State) {
 /// with the main thread as `L`, and the registry still holds the sentinel then. With host
 /// serving, the state gets its own allocator back at once: the frees that follow go straight to
 /// the host allocator, which made every block (and LuaJIT then releases its arena as usual).
-/// With mimalloc serving, blocks must keep coming to the hook until the last mimalloc block is
-/// freed; the tracker is marked closing and the hook does the same then. If the sentinel was
+/// With mimalloc serving, or with arena blocks live, blocks must keep coming to the hook until
+/// the last of ours is freed; the tracker is marked closing and the hook does the same then. If the sentinel was
 /// collected without a close (someone cleared its registry entry), a new one takes its place.
 unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
     // SAFETY: valid state (called by Lua as a finalizer, the sentinel at index 1).
@@ -125,9 +125,11 @@ unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
         }
         let mut ud: *mut c_void = ptr::null_mut();
         let f = ffi::lua_getallocf(L, &mut ud);
-        let Some(serve) = hook_kind(f) else { return 0 };
+        if !is_tracking_alloc(f) {
+            return 0;
+        }
         let tracker = &*(ud as *const Tracker);
-        if serve == Serve::Mimalloc && tracker.mi_blocks.get() > 0 {
+        if tracker.own_blocks() > 0 {
             tracker.closing.set(L);
             return 0;
         }

@@ -1,6 +1,10 @@
-//! The allocation hook and scope attribution against a simple model, over random sequences of
-//! operations (allocations, reallocations, frees, host failures, scopes opened, closed and
-//! switched as coroutines would).
+//! The allocation hook, scope attribution and arena scopes against a simple model, over random
+//! sequences of operations (allocations, reallocations, frees, host failures, scopes with and
+//! without arenas opened, closed and switched as coroutines would).
+//!
+//! Every live block is filled with a pattern of its own and checked when it is resized or freed
+//! and at the end: a block placed in memory that another live block uses, or in a reclaimed
+//! chunk that was reused, breaks a pattern.
 #![cfg(feature = "vendored")]
 
 use std::cell::Cell;
@@ -8,6 +12,7 @@ use std::ffi::c_void;
 use std::ptr;
 use std::rc::Rc;
 
+use lunet_mem::arena::{self, Owner, MAX_BLOCK};
 use lunet_mem::hook::{hook_for, LuaAlloc, Serve, Tracker};
 use lunet_mem::scope::Scope;
 use proptest::prelude::*;
@@ -46,13 +51,27 @@ extern "C" {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Alloc { size: usize, tag: usize },
-    Realloc { pick: usize, size: usize },
-    Free { pick: usize },
+    Alloc {
+        size: usize,
+        tag: usize,
+    },
+    Realloc {
+        pick: usize,
+        size: usize,
+    },
+    Free {
+        pick: usize,
+    },
     FailNext,
     OpenScope,
+    /// A scope with an arena whose first chunk holds `chunk` bytes.
+    OpenArenaScope {
+        chunk: usize,
+    },
     CloseScope,
-    SwitchTo { pick: usize },
+    SwitchTo {
+        pick: usize,
+    },
     Deactivate,
 }
 
@@ -63,7 +82,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         1 => Just(Op::FailNext),
         1 => Just(Op::OpenScope),
-        1 => Just(Op::CloseScope),
+        2 => prop_oneof![Just(4096usize), Just(16384), Just(1 << 20)]
+            .prop_map(|chunk| Op::OpenArenaScope { chunk }),
+        2 => Just(Op::CloseScope),
         1 => any::<usize>().prop_map(|pick| Op::SwitchTo { pick }),
         1 => Just(Op::Deactivate),
     ]
@@ -85,6 +106,42 @@ struct ModelScope {
     parent: Option<usize>,
     closed: bool,
     counts: Counts,
+    /// The scope whose arena new objects go to while this one is active (itself, or the one it
+    /// was opened in), if any.
+    arena_scope: Option<usize>,
+}
+
+/// A live block of the test: address, size, and the byte it is filled with.
+type Block = (*mut c_void, usize, u8);
+
+/// Fills `size` bytes at `p` with `fill`.
+fn fill(p: *mut c_void, size: usize, fill: u8) {
+    // SAFETY: `p` is a live block of at least `size` bytes.
+    unsafe { ptr::write_bytes(p as *mut u8, fill, size) };
+}
+
+/// Checks that the first `size` bytes at `p` are all `fill`, and that an arena block is in an
+/// arena that is not reclaimed.
+fn check(p: *mut c_void, size: usize, fill: u8) {
+    // SAFETY: `p` is a live block of at least `size` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, size) };
+    assert!(
+        bytes.iter().all(|&b| b == fill),
+        "block {p:?} of {size} bytes was overwritten"
+    );
+    // SAFETY: a live block.
+    if let Owner::Reclaimed = unsafe { arena::owner(p) } {
+        panic!("live block {p:?} is in reclaimed arena memory");
+    }
+}
+
+/// The name of the arena that holds `p`, if any.
+fn arena_name(p: *mut c_void) -> Option<String> {
+    // SAFETY: a live block.
+    match unsafe { arena::owner(p) } {
+        Owner::Arena(a) => Some(a.name.to_string()),
+        _ => None,
+    }
 }
 
 /// Applies `f` to the active scope and its open ancestors, as the hook does.
@@ -107,11 +164,19 @@ fn run(ops: Vec<Op>, serve: Serve) {
     };
     let host_ud = &host as *const Host as *mut c_void;
     // Blocks the host made before the hook was installed; they count in the baseline.
-    let mut blocks: Vec<(*mut c_void, usize)> = [100usize, 200, 300, 4000]
+    let mut blocks: Vec<Block> = [100usize, 200, 300, 4000]
         .iter()
         // SAFETY: new blocks from the host allocator.
-        .map(|&n| (unsafe { host_alloc(host_ud, ptr::null_mut(), 0, n) }, n))
+        .map(|&n| (unsafe { host_alloc(host_ud, ptr::null_mut(), 0, n) }, n, 0))
         .collect();
+    for &(p, n, f) in &blocks {
+        fill(p, n, f);
+    }
+    let mut next_fill = 0u8;
+    let mut fresh_fill = move || {
+        next_fill = next_fill.wrapping_add(1);
+        next_fill
+    };
     let baseline = 12345u64 + 4600;
     let tracker = Box::new(Tracker::new(host_alloc, host_ud, baseline));
     let ud = &*tracker as *const Tracker as *mut c_void;
@@ -132,11 +197,19 @@ fn run(ops: Vec<Op>, serve: Serve) {
             Op::Alloc { size, tag } => {
                 // SAFETY: a new block, per the lua_Alloc contract.
                 let p = unsafe { tracking_alloc(ud, ptr::null_mut(), tag, size) };
-                if failing {
+                let expected = active
+                    .and_then(|a| scopes[a].arena_scope)
+                    .filter(|_| (tag != 0 || !cfg!(type_tags)) && size <= MAX_BLOCK)
+                    .map(|a| scopes[a].real.name.to_string());
+                // A block placed in an arena never reaches the host (which would fail it).
+                if failing && expected.is_none() {
                     assert!(p.is_null());
                     continue;
                 }
-                blocks.push((p, size));
+                let f = fresh_fill();
+                fill(p, size, f);
+                assert_eq!(arena_name(p), expected, "block of {size} bytes, tag {tag}");
+                blocks.push((p, size, f));
                 live += size as u64;
                 peak = peak.max(live);
                 totals.allocs += 1;
@@ -149,14 +222,25 @@ fn run(ops: Vec<Op>, serve: Serve) {
             }
             Op::Realloc { pick, size } if !blocks.is_empty() => {
                 let i = pick % blocks.len();
-                let (p, old) = blocks[i];
+                let (p, old, f) = blocks[i];
+                check(p, old, f);
                 // SAFETY: `p` is a live block of `old` bytes.
                 let q = unsafe { tracking_alloc(ud, p, old, size) };
-                if failing {
-                    assert!(q.is_null());
+                // An arena block resized in place or moved within its arena never reaches the
+                // host; one that reaches it fails, leaving the block as it was.
+                if q.is_null() {
+                    assert!(failing && !host.fail_next.get());
+                    check(p, old, f);
                     continue;
                 }
-                blocks[i] = (q, size);
+                assert!(
+                    !failing || host.fail_next.get(),
+                    "a failing host was not asked"
+                );
+                check(q, old.min(size), f);
+                let f = fresh_fill();
+                fill(q, size, f);
+                blocks[i] = (q, size, f);
                 live = live + size as u64 - old as u64;
                 peak = peak.max(live);
                 totals.reallocs += 1;
@@ -170,7 +254,8 @@ fn run(ops: Vec<Op>, serve: Serve) {
                 });
             }
             Op::Free { pick } if !blocks.is_empty() => {
-                let (p, old) = blocks.swap_remove(pick % blocks.len());
+                let (p, old, f) = blocks.swap_remove(pick % blocks.len());
+                check(p, old, f);
                 // SAFETY: `p` is a live block of `old` bytes.
                 assert!(unsafe { tracking_alloc(ud, p, old, 0) }.is_null());
                 host.fail_next.set(false); // frees never fail
@@ -184,18 +269,31 @@ fn run(ops: Vec<Op>, serve: Serve) {
                 });
             }
             Op::FailNext => host.fail_next.set(true),
-            Op::OpenScope => {
+            Op::OpenScope | Op::OpenArenaScope { .. } => {
                 let parent = active;
+                let chunk = match op {
+                    Op::OpenArenaScope { chunk } => Some(chunk),
+                    _ => None,
+                };
                 let real = Rc::new(Scope::new(
                     format!("s{}", scopes.len()).into(),
                     tracker.active_scope(),
+                    chunk,
+                    &tracker.arenas,
                 ));
                 tracker.set_active_scope(Some(real.clone()));
+                let arena_scope = match chunk {
+                    Some(_) => Some(scopes.len()),
+                    None => parent.and_then(|p| scopes[p].arena_scope),
+                }
+                // An arena takes no block once its scope has closed.
+                .filter(|&a| a == scopes.len() || !scopes[a].closed);
                 scopes.push(ModelScope {
                     real,
                     parent,
                     closed: false,
                     counts: Counts::default(),
+                    arena_scope,
                 });
                 active = Some(scopes.len() - 1);
                 open.push(scopes.len() - 1);
@@ -203,7 +301,13 @@ fn run(ops: Vec<Op>, serve: Serve) {
             Op::CloseScope => {
                 if let Some(i) = open.pop() {
                     scopes[i].closed = true;
-                    scopes[i].real.closed.set(true);
+                    scopes[i].real.close();
+                    // Inner scopes that use this scope's arena no longer place blocks in it.
+                    for s in scopes.iter_mut() {
+                        if s.arena_scope == Some(i) {
+                            s.arena_scope = None;
+                        }
+                    }
                     active = open.last().copied();
                     tracker.set_active_scope(active.map(|a| scopes[a].real.clone()));
                 }
@@ -221,6 +325,7 @@ fn run(ops: Vec<Op>, serve: Serve) {
         }
         assert_eq!(tracker.live_bytes.get(), live);
         assert!(tracker.peak_bytes.get() >= tracker.live_bytes.get());
+        check_arenas(&tracker, &blocks, &scopes);
     }
 
     assert_eq!(tracker.peak_bytes.get(), peak);
@@ -246,12 +351,58 @@ fn run(ops: Vec<Op>, serve: Serve) {
         assert_eq!(real, s.counts, "scope {}", s.real.name);
         assert_eq!(real.net, real.allocated as i64 - real.freed as i64);
     }
-    for (p, size) in blocks {
+    for (p, size, f) in blocks {
+        check(p, size, f);
         // SAFETY: live blocks of the test.
         unsafe { tracking_alloc(ud, p, size, 0) };
     }
     assert_eq!(tracker.live_bytes.get(), 12345);
     tracker.set_active_scope(None);
+    for s in &scopes {
+        s.real.close();
+    }
+    assert_eq!(tracker.arenas.count.get(), 0, "every arena is reclaimed");
+    assert_eq!(tracker.arenas.reserved_bytes.get(), 0);
+    assert_eq!(tracker.arenas.live_blocks.get(), 0);
+}
+
+/// The arenas' counts agree with the live blocks: live blocks and bytes in arenas, and an arena
+/// is kept exactly while its scope is open or a block lives in it.
+fn check_arenas(tracker: &Tracker, blocks: &[Block], scopes: &[ModelScope]) {
+    let mut in_arenas = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for &(p, size, _) in blocks {
+        if let Some(name) = arena_name(p) {
+            let e = in_arenas.entry(name).or_default();
+            e.0 += 1;
+            e.1 += size as u64;
+        }
+    }
+    let set = &tracker.arenas;
+    assert_eq!(
+        set.live_blocks.get(),
+        in_arenas.values().map(|e| e.0).sum::<u64>()
+    );
+    assert_eq!(
+        set.live_bytes.get(),
+        in_arenas.values().map(|e| e.1).sum::<u64>()
+    );
+    let kept = scopes
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| {
+            s.real.own_arena().is_some() && (!s.closed || in_arenas.contains_key(&format!("s{i}")))
+        })
+        .count();
+    assert_eq!(set.count.get() as usize, kept, "arenas not reclaimed");
+    for info in set.list() {
+        let (blocks, bytes) = in_arenas.get(&*info.name).copied().unwrap_or_default();
+        assert_eq!(
+            (info.live_blocks, info.live_bytes),
+            (blocks, bytes),
+            "{}",
+            info.name
+        );
+    }
 }
 
 proptest! {

@@ -20,6 +20,7 @@ local M = {
   stats = core.stats,
   reset_peak = core.reset_peak,
   current = core.current,
+  arenas = core.arenas,
 }
 
 -- Errors -------------------------------------------------------------------------------------
@@ -45,6 +46,7 @@ end
 
 -- Option kinds: name -> check(value) returning nil when fine, else what was expected.
 local MAX_COUNT = 100000
+local MAX_CHUNK = 1024 * 1024
 -- A range check names the value it got, a type check the type.
 local function integer_in(lo, hi)
   return function(v)
@@ -67,7 +69,29 @@ local KINDS = {
     if not is_callable(v) then return "function" end
   end,
   collect = of_type("boolean"),
+  -- true, false, or { chunk_size = bytes }
+  arena = function(v)
+    if v == true or v == false then return nil end
+    if type(v) ~= "table" then return "boolean or table" end
+    for k, size in pairs(v) do
+      if k ~= "chunk_size" then
+        return "table with only 'chunk_size'", format("field '%s'", tostring(k))
+      end
+      local expected, show_value = integer_in(1, MAX_CHUNK)(size)
+      if expected then
+        return "chunk_size " .. expected, show_value and tostring(size) or typename(size)
+      end
+    end
+  end,
 }
+
+-- What core.scope_open gets for an `arena` option: nil for none, else the first chunk's size in
+-- bytes (0: the default).
+local function arena_arg(v)
+  if v == true then return 0 end
+  if type(v) == "table" then return v.chunk_size or 0 end
+  return nil
+end
 
 -- Checks the options table at argument `n` of `fname`, allowing the keys in `allowed`.
 local function check_opts(opts, n, fname, allowed, level)
@@ -79,10 +103,11 @@ local function check_opts(opts, n, fname, allowed, level)
     if not allowed[k] then
       argerror(n, fname, format("unknown option '%s'", tostring(k)), level + 1)
     end
-    local expected, show_value = KINDS[k](v)
+    -- `got`: true to show the value, a string to show that, else the value's type is shown.
+    local expected, got = KINDS[k](v)
     if expected then
-      argerror(n, fname, format("option '%s': %s expected, got %s", k, expected,
-        show_value and tostring(v) or typename(v)), level + 1)
+      if type(got) ~= "string" then got = got and tostring(v) or typename(v) end
+      argerror(n, fname, format("option '%s': %s expected, got %s", k, expected, got), level + 1)
     end
   end
   return opts
@@ -331,7 +356,7 @@ end
 
 -- Scopes ----------------------------------------------------------------------------------------
 
-local SCOPE_OPTS = { name = true, on_exit = true }
+local SCOPE_OPTS = { name = true, on_exit = true, arena = true }
 local YIELD_ERROR = "attempt to yield across metamethod/C-call boundary"
 
 -- Default scope names, computed once per function.
@@ -377,7 +402,8 @@ function M.scope(a, ...)
     if not is_callable(fn) then
       argerror(2, "scope", "function expected, got " .. typename(fn), 2)
     end
-    return finish(open(a.name or default_name(fn)), a.on_exit, pcall(fn, select(2, ...)))
+    return finish(open(a.name or default_name(fn), arena_arg(a.arena)), a.on_exit,
+      pcall(fn, select(2, ...)))
   elseif is_callable(a) then
     return finish(open(default_name(a)), nil, pcall(a, ...))
   end
@@ -392,15 +418,15 @@ local function prepare(a, b)
     if not is_callable(b) then
       argerror(2, "scope", "function expected, got " .. typename(b), 3)
     end
-    return a, nil, 2
+    return a, nil, nil, 2
   elseif ta == "table" and not is_callable(a) then
     check_opts(a, 1, "scope", SCOPE_OPTS, 3)
     if not is_callable(b) then
       argerror(2, "scope", "function expected, got " .. typename(b), 3)
     end
-    return a.name or default_name(b), a.on_exit, 2
+    return a.name or default_name(b), a.on_exit, arena_arg(a.arena), 2
   elseif is_callable(a) then
-    return default_name(a), nil, 1
+    return default_name(a), nil, nil, 1
   end
   argerror(1, "scope", "function expected, got " .. typename(a), 3)
 end
@@ -410,6 +436,17 @@ local SCOPE_METHODS = { stats = core.scope_stats }
 local scope_mt = object_class(core.scope_mt, core.scope_name, SCOPE_METHODS)
 scope_mt.__tostring = function(scope)
   return format('scope "%s"', core.scope_name(scope))
+end
+
+-- LuaJIT: what the JIT allocates while it records and compiles a trace (the trace, its IR and
+-- snapshots) lives as long as the trace; placed in a request's arena it would pin the arena.
+-- Arenas take no block from the start of a trace until it stops or aborts.
+if jit and jit.attach and not core.saved.trace_events then
+  local arena_pause = core.arena_pause
+  core.saved.trace_events = function(what)
+    arena_pause(what == "start")
+  end
+  jit.attach(core.saved.trace_events, "trace")
 end
 
 -- Coroutines: the active scope follows resume and yield -----------------------------------------
