@@ -38,7 +38,9 @@ struct Header {
     size: usize,
     /// The allocating thread's counts of the block's site (they live as long as the program).
     counts: *const SiteCounts,
-    /// The worker arena the block lives in, or null for the heap.
+    /// The worker arena the block lives in, or null for the heap. A heap block in its thread's
+    /// cache of freed blocks (magic `FREED`) keeps there the next cached block of its size
+    /// class instead (see [`ThreadState::recycle`]).
     arena: *mut Arena,
 }
 
@@ -188,23 +190,17 @@ pub struct SiteSlot {
     id: AtomicUsize,
 }
 
-/// Counters of one thread, written only by it. Never freed (reports sum them after the thread
-/// ended).
-#[derive(Default)]
-pub struct ThreadCounters {
-    counts: Counts,
-    peak_bytes: AtomicI64,
-}
-
-fn threads() -> &'static Mutex<Vec<&'static ThreadCounters>> {
-    static THREADS: OnceLock<Mutex<Vec<&'static ThreadCounters>>> = OnceLock::new();
-    THREADS.get_or_init(Default::default)
+/// Each thread's peak of live bytes (written only by its thread; never freed: reports read them
+/// after the thread ended). A thread's other totals are the sums of its counts of each site.
+fn peaks() -> &'static Mutex<Vec<&'static AtomicI64>> {
+    static PEAKS: OnceLock<Mutex<Vec<&'static AtomicI64>>> = OnceLock::new();
+    PEAKS.get_or_init(Default::default)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Thread state
 
-/// What one thread keeps: its counters, its counts of each site, its worker arenas, spare arena
+/// What one thread keeps: its counts of each site, its live bytes and their peak, its worker arenas, spare arena
 /// chunks, and its quarantine of freed blocks.
 ///
 /// Reached through one pointer-sized thread-local ([`STATE`]): a module's static TLS must stay
@@ -212,11 +208,11 @@ fn threads() -> &'static Mutex<Vec<&'static ThreadCounters>> {
 struct ThreadState {
     /// The thread's identity in [`SiteCounts::owner`]: never reused, unlike this state's address.
     serial: u64,
-    counters: &'static ThreadCounters,
-    /// Bytes this thread allocated minus bytes it freed, and the highest that reached (the
-    /// thread-local copies of what `counters` publishes).
+    /// Bytes this thread allocated minus bytes it freed, and the highest that reached (also
+    /// published in `published_peak`, for reports).
     live_bytes: i64,
     peak_bytes: i64,
+    published_peak: &'static AtomicI64,
     /// This thread's counts of each site, by site number; null where it has none yet (and at
     /// 0, the number of no site).
     site_counts: Vec<*const SiteCounts>,
@@ -237,6 +233,12 @@ struct ThreadState {
     quarantine: Box<[*mut Header; QUARANTINE_BLOCKS]>,
     /// The ring's oldest entry: the next to leave.
     quarantine_next: usize,
+    /// Heap blocks out of the quarantine, kept for reuse by size class (a block of class `c`
+    /// has `16 * c` bytes, header included): linked through their headers' `arena` field,
+    /// still marked freed, `cached_bytes` in all. Reusing them here saves a call into mimalloc
+    /// for each `lunet_malloc` and `lunet_free`.
+    cache: [*mut Header; CACHE_CLASSES],
+    cached_bytes: usize,
 }
 
 /// How many freed blocks a thread keeps back (a power of two).
@@ -244,8 +246,22 @@ const QUARANTINE_BLOCKS: usize = 256;
 const SITE_CACHE_SLOTS: usize = 256;
 /// How many chunks of ended arenas a thread keeps for its next arenas.
 const SPARE_CHUNKS: usize = 4;
+/// Heap blocks of up to this many bytes (header included) are served from mimalloc's small
+/// size classes, and recycled in the thread's cache.
+const CACHED_MAX: usize = 1024;
+const CACHE_CLASSES: usize = CACHED_MAX / ALIGN + 1;
+/// The most bytes of freed blocks a thread's cache holds (beyond the quarantine's).
+const CACHE_BYTES: usize = 64 * 1024;
+
+/// The size class of a heap block of `total` bytes, header included (`total <= CACHED_MAX`).
+#[inline(always)]
+fn size_class(total: usize) -> usize {
+    total.div_ceil(ALIGN)
+}
 
 const _: () = assert!(QUARANTINE_BLOCKS.is_power_of_two() && SITE_CACHE_SLOTS.is_power_of_two());
+// `mi_malloc_small` serves up to `MI_SMALL_SIZE_MAX`, 128 words.
+const _: () = assert!(CACHED_MAX <= 128 * std::mem::size_of::<usize>());
 
 thread_local! {
     /// This thread's state (from `Box::into_raw`), or null before its first use (and after the
@@ -284,16 +300,16 @@ fn state() -> *mut ThreadState {
 #[cold]
 #[inline(never)]
 fn new_state() -> *mut ThreadState {
-    let counters: &'static ThreadCounters = Box::leak(Box::default());
-    threads()
+    let published_peak: &'static AtomicI64 = Box::leak(Box::default());
+    peaks()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push(counters);
+        .push(published_peak);
     let state = Box::into_raw(Box::new(ThreadState {
         serial: NEXT_SERIAL.fetch_add(1, Relaxed),
-        counters,
         live_bytes: 0,
         peak_bytes: 0,
+        published_peak,
         site_counts: vec![ptr::null(); 64],
         site_cache: Box::new([ptr::null(); SITE_CACHE_SLOTS]),
         top: ptr::null_mut(),
@@ -302,6 +318,8 @@ fn new_state() -> *mut ThreadState {
         spare_chunks: Vec::with_capacity(SPARE_CHUNKS),
         quarantine: Box::new([ptr::null_mut(); QUARANTINE_BLOCKS]),
         quarantine_next: 0,
+        cache: [ptr::null_mut(); CACHE_CLASSES],
+        cached_bytes: 0,
     }));
     STATE.set(state);
     // Registers the destructor. It fails only while the thread's destructors run: the state
@@ -314,8 +332,20 @@ impl Drop for ThreadState {
     fn drop(&mut self) {
         for &h in self.quarantine.iter() {
             if !h.is_null() {
-                // SAFETY: a heap block from `mi_malloc`, freed by the C code already.
+                // SAFETY: a heap block from mimalloc, freed by the C code already.
                 unsafe { mi::mi_free(h.cast()) };
+            }
+        }
+        for &first in &self.cache {
+            let mut h = first;
+            while !h.is_null() {
+                // SAFETY: a cached heap block from mimalloc, freed by the C code already; its
+                // header links to the next.
+                unsafe {
+                    let next = (*h).arena.cast::<Header>();
+                    mi::mi_free(h.cast());
+                    h = next;
+                }
             }
         }
         for arena in std::mem::take(&mut self.arenas) {
@@ -410,11 +440,10 @@ impl ThreadState {
     fn count_made(&mut self, counts: *const SiteCounts, size: usize) {
         // SAFETY: this thread's counts, never freed.
         unsafe { (*counts).counts.made(size) };
-        self.counters.counts.made(size);
         self.live_bytes += size as i64;
         if self.live_bytes > self.peak_bytes {
             self.peak_bytes = self.live_bytes;
-            self.counters.peak_bytes.store(self.live_bytes, Relaxed);
+            self.published_peak.store(self.live_bytes, Relaxed);
         }
     }
 
@@ -423,39 +452,81 @@ impl ThreadState {
     fn count_freed(&mut self, counts: *const SiteCounts, size: usize) {
         // SAFETY: this thread's counts, never freed.
         unsafe { (*counts).counts.freed(size) };
-        self.counters.counts.freed(size);
         self.live_bytes -= size as i64;
     }
 
-    /// Keeps the freed heap block `h` back, and gives the oldest kept one to mimalloc.
+    /// Keeps the freed heap block `h` back, and lets the oldest kept one go.
     #[inline(always)]
     fn quarantine(&mut self, h: *mut Header) {
         let next = self.quarantine_next;
         let oldest = std::mem::replace(&mut self.quarantine[next], h);
         self.quarantine_next = (next + 1) & (QUARANTINE_BLOCKS - 1);
         if !oldest.is_null() {
-            // SAFETY: a heap block from `mi_malloc`, freed by the C code `QUARANTINE_BLOCKS`
-            // frees ago on this thread.
-            unsafe { mi::mi_free(oldest.cast()) };
+            // SAFETY: a heap block, freed by the C code `QUARANTINE_BLOCKS` frees ago on this
+            // thread.
+            unsafe { self.recycle(oldest) };
         }
+    }
+
+    /// Puts the freed heap block `h`, out of the quarantine, in the cache, or gives it to
+    /// mimalloc if it is too big or the cache is full. Its header is left as it is (marked
+    /// freed, naming its site) but for the link to the next cached block.
+    ///
+    /// # Safety
+    /// `h` is a heap block made by [`alloc`] (on any thread), freed, and held by nothing else.
+    #[inline(always)]
+    unsafe fn recycle(&mut self, h: *mut Header) {
+        // SAFETY: a freed header keeps its size.
+        let total = HEADER + unsafe { (*h).size };
+        if total <= CACHED_MAX && self.cached_bytes + size_class(total) * ALIGN <= CACHE_BYTES {
+            let class = size_class(total);
+            // SAFETY: as above; the block is the cache's now.
+            unsafe { (*h).arena = self.cache[class].cast() };
+            self.cache[class] = h;
+            self.cached_bytes += class * ALIGN;
+        } else {
+            // SAFETY: a block from mimalloc, held by nothing else.
+            unsafe { mi::mi_free(h.cast()) };
+        }
+    }
+
+    /// A heap block of `total` bytes (header included, `total <= MAX_SIZE + HEADER`), from the
+    /// cache or mimalloc; null if out of memory.
+    #[inline(always)]
+    fn heap_block(&mut self, total: usize) -> *mut Header {
+        if total > CACHED_MAX {
+            // SAFETY: plain allocation; mimalloc aligns blocks of 16 bytes and more to 16.
+            return unsafe { mi::mi_malloc(total) }.cast();
+        }
+        let class = size_class(total);
+        let h = self.cache[class];
+        if h.is_null() {
+            // SAFETY: as above. The block gets its class's whole size, so that it can serve
+            // any size of the class when it is reused.
+            return unsafe { mi::mi_malloc_small(class * ALIGN) }.cast();
+        }
+        // SAFETY: a cached block (only this thread's cache holds it); its header links to the
+        // next.
+        self.cache[class] = unsafe { (*h).arena }.cast();
+        self.cached_bytes -= class * ALIGN;
+        h
     }
 }
 
 /// Process totals: `(allocs, frees, bytes_allocated, bytes_freed, peak of any thread)`.
 fn totals() -> (u64, u64, u64, u64, i64) {
-    let threads = threads().lock().unwrap_or_else(|e| e.into_inner());
-    threads
-        .iter()
-        .fold((0, 0, 0, 0, 0), |(a, f, ba, bf, p), t| {
-            let c = &t.counts;
-            (
-                a + c.allocs.load(Relaxed),
-                f + c.frees.load(Relaxed),
-                ba + c.bytes_allocated.load(Relaxed),
-                bf + c.bytes_freed.load(Relaxed),
-                p.max(t.peak_bytes.load(Relaxed)),
-            )
-        })
+    let (mut a, mut f, mut ba, mut bf) = (0u64, 0u64, 0u64, 0u64);
+    for site in sites().lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for l in site.locals.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            a += l.counts.allocs.load(Relaxed);
+            f += l.counts.frees.load(Relaxed);
+            ba += l.counts.bytes_allocated.load(Relaxed);
+            bf += l.counts.bytes_freed.load(Relaxed);
+        }
+    }
+    let peaks = peaks().lock().unwrap_or_else(|e| e.into_inner());
+    let peak = peaks.iter().map(|p| p.load(Relaxed)).max().unwrap_or(0);
+    (a, f, ba, bf, peak)
 }
 
 /// Prints `msg` prefixed with the library's name and aborts: bad use is never silent.
@@ -488,8 +559,8 @@ pub struct Arena {
     chunk: *mut Chunk,
     /// The least capacity of the arena's first chunk.
     size_hint: usize,
+    /// Blocks made in the arena and not freed yet.
     live_blocks: i64,
-    live_bytes: i64,
     begin_file: *const c_char,
     begin_line: c_int,
 }
@@ -575,7 +646,6 @@ impl Arena {
         // SAFETY: `need` bytes from `cur` are inside the current chunk (checked above).
         self.cur = unsafe { h.add(need) };
         self.live_blocks += 1;
-        self.live_bytes += size as i64;
         h.cast()
     }
 
@@ -655,7 +725,6 @@ pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_
             chunk: ptr::null_mut(),
             size_hint: 0,
             live_blocks: 0,
-            live_bytes: 0,
             begin_file: ptr::null(),
             begin_line: 0,
         })));
@@ -665,7 +734,6 @@ pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_
     unsafe {
         (*arena).size_hint = size_hint;
         (*arena).live_blocks = 0;
-        (*arena).live_bytes = 0;
         (*arena).begin_file = file;
         (*arena).begin_line = line;
     }
@@ -698,18 +766,13 @@ pub unsafe extern "C" fn lunet_mem_arena_end_at(
     let arena = unsafe { &mut *l.arenas[l.depth - 1] };
     let escaped = arena.live_blocks;
     if escaped != 0 {
-        let mut msg = format!(
-            "worker arena begun at {} and ended at {}: {} block(s), {} byte(s) escaped",
-            at(arena.begin_file, arena.begin_line),
-            at(file, line),
-            escaped,
-            arena.live_bytes
-        );
+        let (mut bytes, mut blocks) = (0, String::new());
         arena.for_each_block(|h| {
             // SAFETY: a header in the arena's memory; its counts and site live forever.
             let (head, site) = unsafe { (*h, (*(*h).counts).site) };
             if head.magic == magic(LIVE, h) {
-                msg.push_str(&format!(
+                bytes += head.size;
+                blocks.push_str(&format!(
                     "\n  {} bytes allocated at {}:{}",
                     head.size,
                     site.file(),
@@ -717,6 +780,12 @@ pub unsafe extern "C" fn lunet_mem_arena_end_at(
                 ));
             }
         });
+        let msg = format!(
+            "worker arena begun at {} and ended at {}: {escaped} block(s), {bytes} byte(s) \
+             escaped{blocks}",
+            at(arena.begin_file, arena.begin_line),
+            at(file, line),
+        );
         if allow_escape == 0 {
             fatal(&msg);
         }
@@ -770,8 +839,7 @@ fn alloc(l: &mut ThreadState, size: usize, counts: *const SiteCounts) -> *mut c_
     }
     let arena = l.top;
     let h: *mut Header = if arena.is_null() {
-        // SAFETY: plain allocation; mimalloc aligns blocks of 16 bytes and more to 16.
-        unsafe { mi::mi_malloc(HEADER + size) }.cast()
+        l.heap_block(HEADER + size)
     } else {
         // SAFETY: this thread's innermost open arena; no other reference to it while this runs.
         unsafe { (*arena).alloc(&mut l.spare_chunks, size) }
@@ -881,10 +949,7 @@ unsafe fn free_block(l: &mut ThreadState, h: *mut Header, file: *const c_char, l
     } else {
         // SAFETY: the block was made by this thread (its counts are this thread's), so its arena
         // is this thread's; an arena outlives its live blocks' headers (ending it marks them).
-        unsafe {
-            (*arena).live_blocks -= 1;
-            (*arena).live_bytes -= size as i64;
-        }
+        unsafe { (*arena).live_blocks -= 1 };
     }
 }
 
