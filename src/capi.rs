@@ -256,7 +256,8 @@ const CACHE_BYTES: usize = 64 * 1024;
 /// The size class of a heap block of `total` bytes, header included (`total <= CACHED_MAX`).
 #[inline(always)]
 fn size_class(total: usize) -> usize {
-    total.div_ceil(ALIGN)
+    // A shift rather than `div_ceil`: the compiler then sees that the class is in range.
+    (total + ALIGN - 1) >> ALIGN.trailing_zeros()
 }
 
 const _: () = assert!(QUARANTINE_BLOCKS.is_power_of_two() && SITE_CACHE_SLOTS.is_power_of_two());
@@ -458,7 +459,7 @@ impl ThreadState {
     /// Keeps the freed heap block `h` back, and lets the oldest kept one go.
     #[inline(always)]
     fn quarantine(&mut self, h: *mut Header) {
-        let next = self.quarantine_next;
+        let next = self.quarantine_next & (QUARANTINE_BLOCKS - 1);
         let oldest = std::mem::replace(&mut self.quarantine[next], h);
         self.quarantine_next = (next + 1) & (QUARANTINE_BLOCKS - 1);
         if !oldest.is_null() {
@@ -488,6 +489,30 @@ impl ThreadState {
             // SAFETY: a block from mimalloc, held by nothing else.
             unsafe { mi::mi_free(h.cast()) };
         }
+    }
+
+    /// A block for `size` bytes with no call and no growth: from the cache, or from the
+    /// innermost arena's current chunk; null when that is not enough (then [`alloc`]).
+    #[inline(always)]
+    fn block_fast(&mut self, size: usize) -> *mut Header {
+        let arena = self.top;
+        if !arena.is_null() {
+            // SAFETY: this thread's innermost open arena; no other reference to it while this
+            // runs.
+            return unsafe { (*arena).alloc_fast(size) };
+        }
+        if size > CACHED_MAX - HEADER {
+            return ptr::null_mut();
+        }
+        let class = size_class(HEADER + size);
+        let h = self.cache[class];
+        if !h.is_null() {
+            // SAFETY: a cached block (only this thread's cache holds it); its header links to
+            // the next.
+            self.cache[class] = unsafe { (*h).arena }.cast();
+            self.cached_bytes -= class * ALIGN;
+        }
+        h
     }
 
     /// A heap block of `total` bytes (header included, `total <= MAX_SIZE + HEADER`), from the
@@ -634,19 +659,31 @@ impl Arena {
         true
     }
 
+    /// The header of a new block of `size` bytes in the current chunk, or null if it has no
+    /// room (or there is none).
+    #[inline(always)]
+    fn alloc_fast(&mut self, size: usize) -> *mut Header {
+        let room = (self.end as usize) - (self.cur as usize);
+        // `size < room` first: then the sum cannot overflow.
+        if size >= room || HEADER + round_up(size) > room {
+            return ptr::null_mut();
+        }
+        let h = self.cur;
+        // SAFETY: the block is inside the current chunk (checked above).
+        self.cur = unsafe { h.add(HEADER + round_up(size)) };
+        self.live_blocks += 1;
+        h.cast()
+    }
+
     /// The header of a new block of `size` bytes (`size <= MAX_SIZE`), or null if out of
     /// memory.
     #[inline(always)]
     fn alloc(&mut self, spare: &mut Vec<*mut Chunk>, size: usize) -> *mut Header {
-        let need = HEADER + round_up(size);
-        if (self.end as usize) - (self.cur as usize) < need && !self.grow(spare, need) {
-            return ptr::null_mut();
+        let h = self.alloc_fast(size);
+        if !h.is_null() || !self.grow(spare, HEADER + round_up(size)) {
+            return h;
         }
-        let h = self.cur;
-        // SAFETY: `need` bytes from `cur` are inside the current chunk (checked above).
-        self.cur = unsafe { h.add(need) };
-        self.live_blocks += 1;
-        h.cast()
+        self.alloc_fast(size)
     }
 
     /// Calls `f` on each block's header, in allocation order.
@@ -847,14 +884,27 @@ fn alloc(l: &mut ThreadState, size: usize, counts: *const SiteCounts) -> *mut c_
     if h.is_null() {
         return ptr::null_mut();
     }
+    finish(l, h, size, counts)
+}
+
+/// Counts the new block `h` of `size` bytes in `counts` (one of this thread's), writes its
+/// header and returns it.
+#[inline(always)]
+fn finish(
+    l: &mut ThreadState,
+    h: *mut Header,
+    size: usize,
+    counts: *const SiteCounts,
+) -> *mut c_void {
     l.count_made(counts, size);
-    // SAFETY: `h` points to at least HEADER + size writable bytes, aligned to 16.
+    // SAFETY: `h` points to at least HEADER + size writable bytes, aligned to 16, from the
+    // innermost arena if there is one, else from the heap.
     unsafe {
         h.write(Header {
             magic: magic(LIVE, h),
             size,
             counts,
-            arena,
+            arena: l.top,
         });
         h.add(1).cast()
     }
@@ -1017,6 +1067,40 @@ pub unsafe extern "C" fn lunet_mem_malloc_site(
     file: *const c_char,
     line: c_int,
 ) -> *mut c_void {
+    // The fast path: no call, nothing to save. Whatever it does not cover (the thread's or the
+    // site's first use here, a cache miss, a new arena chunk) goes to `malloc_site_slow`.
+    let state = STATE.get();
+    if !state.is_null() && !slot.is_null() {
+        // SAFETY: this thread's state, and no other reference to it (see `state`).
+        let l = unsafe { &mut *state };
+        // SAFETY: a valid slot (the contract).
+        let id = unsafe { (*slot).id.load(Relaxed) };
+        if let Some(&counts) = l.site_counts.get(id) {
+            if !counts.is_null() {
+                let h = l.block_fast(size);
+                if !h.is_null() {
+                    return finish(l, h, size, counts);
+                }
+            }
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { malloc_site_slow(size, slot, file, line) }
+}
+
+/// [`lunet_mem_malloc_site`] past its fast path. `extern "C"`, so that the compiler knows it
+/// does not unwind and can tail-call it (with nothing saved on the fast path).
+///
+/// # Safety
+/// As for [`lunet_mem_malloc_site`].
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn malloc_site_slow(
+    size: usize,
+    slot: *const SiteSlot,
+    file: *const c_char,
+    line: c_int,
+) -> *mut c_void {
     // SAFETY: this thread's state, and no other reference to it (see `state`).
     let l = unsafe { &mut *state() };
     // SAFETY: forwarded contract.
@@ -1031,6 +1115,50 @@ pub unsafe extern "C" fn lunet_mem_malloc_site(
 /// `file` as in [`lunet_mem_malloc_at`].
 #[no_mangle]
 pub unsafe extern "C" fn lunet_mem_free_at(p: *mut c_void, file: *const c_char, line: c_int) {
+    // The fast path (as `live_header` then `free_block`, with no call but mimalloc's): a live
+    // block this thread made. Anything else (NULL too: its page offset is 0) goes to
+    // `free_slow`, which says what is wrong if something is.
+    let h = p.cast::<u8>().wrapping_sub(HEADER).cast::<Header>();
+    let state = STATE.get();
+    let live = (p as usize) & (PAGE - 1) >= HEADER
+        && !state.is_null()
+        // SAFETY: the header is read only when it is in the page of `p` (see `live_header`).
+        && unsafe { (*h).magic } == magic(LIVE, h);
+    if live {
+        // SAFETY: this thread's state, and no other reference to it (see `state`).
+        let l = unsafe { &mut *state };
+        // SAFETY: a live header (checked).
+        let Header {
+            size,
+            counts,
+            arena,
+            ..
+        } = unsafe { *h };
+        // SAFETY: counts live forever.
+        if unsafe { (*counts).owner } == l.serial {
+            // SAFETY: a live header (checked).
+            unsafe { (*h).magic = magic(FREED, h) };
+            l.count_freed(counts, size);
+            if arena.is_null() {
+                l.quarantine(h);
+            } else {
+                // SAFETY: as in `free_block`.
+                unsafe { (*arena).live_blocks -= 1 };
+            }
+            return;
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { free_slow(p, file, line) }
+}
+
+/// [`lunet_mem_free_at`] past its fast path (`extern "C"`: see [`malloc_site_slow`]).
+///
+/// # Safety
+/// As for [`lunet_mem_free_at`].
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn free_slow(p: *mut c_void, file: *const c_char, line: c_int) {
     if p.is_null() {
         return;
     }
