@@ -788,8 +788,9 @@ pub unsafe fn push_core(L: *mut lua_State) {
         let saved = ffi::lua_gettop(L);
 
         ffi::lua_createtable(L, 0, 24);
-        let functions: [(&CStr, ffi::lua_CFunction); 22] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 23] = [
             (c"arenas", l_arenas),
+            (c"arena_of", l_arena_of),
             (c"arena_pause", l_arena_pause),
             (c"stats", l_stats),
             (c"reset_peak", l_reset_peak),
@@ -848,10 +849,8 @@ pub unsafe fn push_core(L: *mut lua_State) {
 /// whole cycle began and ended after the scope did, and objects of the scope are still alive).
 unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua. The list is copied first: building the tables may run the
-    // collector, which frees blocks and reclaims arenas. The copy is dropped before the only
-    // calls that may raise (memory) could leave it behind... which they cannot: Rust values are
-    // dropped by the `for` loop only on the normal path, so a memory error here leaks the copy
-    // (a few names), never anything of Lua's.
+    // collector, which frees blocks and reclaims arenas. A memory error while building leaks
+    // the copy (a few names), nothing of Lua's.
     unsafe {
         let t = check_tracker(L);
         let list = t.arenas.list();
@@ -872,6 +871,43 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
             ffi::lua_rawseti(L, -2, (i + 1) as _);
         }
         drop(list);
+    }
+    1
+}
+
+/// `mem.arena_of(v)`: the name of the arena that holds the object `v` (a table, function,
+/// thread or full userdata; a string on Lua 5.4 and LuaJIT, where `lua_topointer` sees strings),
+/// or nil. Raises if the object is in reclaimed arena memory, which the arenas never allow: a
+/// check for the tests, and for users who doubt.
+unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; only blocks of live objects are looked at (light userdata, which
+    // can point anywhere, are not).
+    unsafe {
+        check_tracker(L);
+        let p = match ffi::lua_type(L, 1) {
+            ffi::LUA_TTABLE
+            | ffi::LUA_TFUNCTION
+            | ffi::LUA_TTHREAD
+            | ffi::LUA_TUSERDATA
+            | ffi::LUA_TSTRING => ffi::lua_topointer(L, 1),
+            _ => ptr::null(),
+        };
+        if p.is_null() {
+            ffi::lua_pushnil(L);
+            return 1;
+        }
+        match arena::owner(p) {
+            arena::Owner::Elsewhere => ffi::lua_pushnil(L),
+            arena::Owner::Arena(a) => {
+                let name = a.name.clone();
+                ffi::lua_pushlstring(L, name.as_ptr().cast(), name.len());
+            }
+            arena::Owner::Reclaimed => raise(
+                L,
+                "lunet.mem: a live object is in reclaimed arena memory (a bug: please report it)"
+                    .into(),
+            ),
+        }
     }
     1
 }

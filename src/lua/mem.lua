@@ -21,6 +21,7 @@ local M = {
   reset_peak = core.reset_peak,
   current = core.current,
   arenas = core.arenas,
+  arena_of = core.arena_of,
 }
 
 -- Errors -------------------------------------------------------------------------------------
@@ -386,24 +387,31 @@ local function finish(token, on_exit, ok, ...)
   error(err, 0)
 end
 
+local function pass(...) return ... end
+
+-- The forms with a name or options. (`fn` is a named parameter rather than taken with
+-- `select(2, ...)`: Debian's LuaJIT 2.1.0-beta3 miscompiled that form inside pcall, calling the
+-- scope's function with wrong arguments.)
+local function scope_named(a, fn, ...)
+  if type(a) == "string" then
+    if not is_callable(fn) then
+      argerror(2, "scope", "function expected, got " .. typename(fn), 3)
+    end
+    return finish(open(a), nil, pcall(fn, ...))
+  end
+  check_opts(a, 1, "scope", SCOPE_OPTS, 3)
+  if not is_callable(fn) then
+    argerror(2, "scope", "function expected, got " .. typename(fn), 3)
+  end
+  return finish(open(a.name or default_name(fn), arena_arg(a.arena)), a.on_exit, pcall(fn, ...))
+end
+
 function M.scope(a, ...)
   local ta = type(a)
   if ta == "function" then
     return finish(open(default_name(a)), nil, pcall(a, ...))
-  elseif ta == "string" then
-    local fn = ...
-    if not is_callable(fn) then
-      argerror(2, "scope", "function expected, got " .. typename(fn), 2)
-    end
-    return finish(open(a), nil, pcall(fn, select(2, ...)))
-  elseif ta == "table" and not is_callable(a) then
-    check_opts(a, 1, "scope", SCOPE_OPTS, 2)
-    local fn = ...
-    if not is_callable(fn) then
-      argerror(2, "scope", "function expected, got " .. typename(fn), 2)
-    end
-    return finish(open(a.name or default_name(fn), arena_arg(a.arena)), a.on_exit,
-      pcall(fn, select(2, ...)))
+  elseif ta == "string" or (ta == "table" and not is_callable(a)) then
+    return pass(scope_named(a, ...)) -- (not a tail call: error levels count scope_named)
   elseif is_callable(a) then
     return finish(open(default_name(a)), nil, pcall(a, ...))
   end
