@@ -46,10 +46,14 @@ case "$mode" in
       echo "misuse $case: aborted with: $(head -n 1 <<<"$err")"
     }
     expect double-free "already freed (allocated at tests/c/misuse.c:"
+    expect double-free-late "already freed (allocated at tests/c/misuse.c:"
+    expect realloc-freed "already freed (allocated at tests/c/misuse.c:"
     expect foreign-free "not a block from lunet_malloc"
+    expect interior-free "not a block from lunet_malloc"
     expect end-without-begin "worker arena end without begin at tests/c/misuse.c:"
     expect escape "1 block(s), 48 byte(s) escaped"
     expect escape-then-free "escaped a worker arena that has ended"
+    expect arena-free-other-thread "a worker arena's block, freed on another thread"
     expect leak "MEMORY LEAK at request 42: allocs=1 frees=0"
     ;;
   *) echo "usage: scripts/c-tests.sh plain|asan|valgrind|misuse" >&2; exit 2 ;;

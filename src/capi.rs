@@ -1170,7 +1170,8 @@ unsafe extern "C" fn free_slow(p: *mut c_void, file: *const c_char, line: c_int)
     unsafe { free_block(l, h, file, line) };
 }
 
-/// `realloc`, with the new block counted in `counts` (one of this thread's).
+/// `realloc`, with the new block counted in `counts(l)` (one of this thread's; looked up only
+/// when a block is made, so that a site that only frees gets no entry).
 ///
 /// # Safety
 /// `p` as in [`lunet_mem_free_at`].
@@ -1178,11 +1179,12 @@ unsafe fn realloc(
     l: &mut ThreadState,
     p: *mut c_void,
     size: usize,
-    counts: *const SiteCounts,
+    counts: impl FnOnce(&mut ThreadState) -> *const SiteCounts,
     file: *const c_char,
     line: c_int,
 ) -> *mut c_void {
     if p.is_null() {
+        let counts = counts(l);
         return alloc(l, size, counts);
     }
     // SAFETY: a non-null pointer the C code holds (the contract).
@@ -1194,6 +1196,7 @@ unsafe fn realloc(
     }
     // SAFETY: a live header (checked).
     let old = unsafe { (*h).size };
+    let counts = counts(l);
     let new = alloc(l, size, counts);
     if !new.is_null() {
         // SAFETY: both blocks are at least `min(old, size)` bytes; `p` is live (checked).
@@ -1218,7 +1221,7 @@ pub unsafe extern "C" fn lunet_mem_realloc_at(
 ) -> *mut c_void {
     // SAFETY: this thread's state, and no other reference to it (see `state`).
     let l = unsafe { &mut *state() };
-    let counts = l.counts_at(file, line);
+    let counts = |l: &mut ThreadState| l.counts_at(file, line);
     // SAFETY: forwarded contract.
     unsafe { realloc(l, p, size, counts, file, line) }
 }
@@ -1240,7 +1243,7 @@ pub unsafe extern "C" fn lunet_mem_realloc_site(
     // SAFETY: this thread's state, and no other reference to it (see `state`).
     let l = unsafe { &mut *state() };
     // SAFETY: forwarded contract.
-    let counts = unsafe { l.counts_in_slot(slot, file, line) };
+    let counts = |l: &mut ThreadState| unsafe { l.counts_in_slot(slot, file, line) };
     // SAFETY: forwarded contract.
     unsafe { realloc(l, p, size, counts, file, line) }
 }

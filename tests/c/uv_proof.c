@@ -94,6 +94,49 @@ static void run_loop(int items) {
           (unsigned long long)s.frees, (long long)s.live_bytes);
 }
 
+/* realloc through the macros and the entry points without a call-site slot (what a compiler
+** without statement expressions gets), a block of every cached size and some bigger ones, on a
+** thread with no arena: contents kept, every count exact. */
+static void run_entry_points(void) {
+    lunet_mem_stats_t before, after;
+    lunet_mem_c_stats(&before);
+    lunet_mem_checkpoint_t cp = lunet_mem_checkpoint();
+    enum { BLOCKS = 1200 };
+    static unsigned char *blocks[BLOCKS];
+    size_t bytes = 0;
+    for (int i = 0; i < BLOCKS; i++) {
+        size_t n = (size_t)i * 3 + 1;
+        blocks[i] = i % 2 ? lunet_malloc(n) : lunet_mem_malloc_at(n, __FILE__, __LINE__);
+        CHECK(blocks[i] != NULL && ((uintptr_t)blocks[i] & 15) == 0, "block %d", i);
+        memset(blocks[i], i & 0xff, n);
+        bytes += n;
+    }
+    for (int i = 0; i < BLOCKS; i++) { /* grow, then shrink: the bytes kept are the same */
+        size_t n = (size_t)i * 3 + 1;
+        unsigned char *p = i % 2 ? lunet_realloc(blocks[i], n + 100)
+                                 : lunet_mem_realloc_at(blocks[i], n + 100, __FILE__, __LINE__);
+        CHECK(p != NULL && p[0] == (i & 0xff) && p[n - 1] == (i & 0xff), "realloc %d", i);
+        blocks[i] = lunet_realloc(p, n);
+        CHECK(blocks[i][n - 1] == (i & 0xff), "shrink %d", i);
+    }
+    for (int i = 0; i < BLOCKS; i++) {
+        if (i % 3 == 0) {
+            CHECK(lunet_realloc(blocks[i], 0) == NULL, "realloc to 0");
+        } else {
+            lunet_free(blocks[i]);
+        }
+    }
+    lunet_free(NULL);
+    lunet_mem_assert_neutral(&cp, "after the entry points");
+    lunet_mem_c_stats(&after);
+    /* each block: malloc, realloc up, realloc down (two allocations and two frees), free */
+    CHECK(after.allocs - before.allocs == 3 * BLOCKS, "allocs %llu",
+          (unsigned long long)(after.allocs - before.allocs));
+    CHECK(after.bytes_allocated - before.bytes_allocated == 3 * bytes + 100 * BLOCKS,
+          "bytes %llu", (unsigned long long)(after.bytes_allocated - before.bytes_allocated));
+    CHECK(after.live_bytes == before.live_bytes, "live %lld", (long long)after.live_bytes);
+}
+
 /* Lua handlers in coroutines, resumed from C as a runtime does. */
 static const char *LUA_CODE =
     "local mem = require 'lunet.mem'\n"
@@ -175,6 +218,7 @@ static void run_lua(int requests) {
 int main(int argc, char **argv) {
     int items = argc > 1 ? atoi(argv[1]) : 100000;
     run_loop(items);
+    run_entry_points();
     run_lua(50);
     lunet_mem_report(stdout);
     printf("uv_proof: %d work items and 50 Lua requests: ok\n", items);
