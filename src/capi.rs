@@ -228,9 +228,10 @@ struct ThreadState {
     /// Chunks of ended arenas, kept for the next ones (at most `SPARE_CHUNKS`).
     spare_chunks: Vec<*mut Chunk>,
     /// Heap blocks freed last on this thread (a ring; null where empty), kept, marked freed,
-    /// before they go back to mimalloc, so that a double free of one of them is seen rather
-    /// than freeing whatever reused the memory.
-    quarantine: Box<[*mut Header; QUARANTINE_BLOCKS]>,
+    /// before they go back to the cache or mimalloc, so that a double free of one of them is
+    /// seen rather than freeing whatever reused the memory. With each, its size class (0 if it
+    /// is too big for the cache), so that letting it go reads nothing from the block.
+    quarantine: Box<[(*mut Header, usize); QUARANTINE_BLOCKS]>,
     /// The ring's oldest entry: the next to leave.
     quarantine_next: usize,
     /// Heap blocks out of the quarantine, kept for reuse by size class (a block of class `c`
@@ -317,7 +318,7 @@ fn new_state() -> *mut ThreadState {
         arenas: Vec::new(),
         depth: 0,
         spare_chunks: Vec::with_capacity(SPARE_CHUNKS),
-        quarantine: Box::new([ptr::null_mut(); QUARANTINE_BLOCKS]),
+        quarantine: Box::new([(ptr::null_mut(), 0); QUARANTINE_BLOCKS]),
         quarantine_next: 0,
         cache: [ptr::null_mut(); CACHE_CLASSES],
         cached_bytes: 0,
@@ -331,7 +332,7 @@ fn new_state() -> *mut ThreadState {
 
 impl Drop for ThreadState {
     fn drop(&mut self) {
-        for &h in self.quarantine.iter() {
+        for &(h, _) in self.quarantine.iter() {
             if !h.is_null() {
                 // SAFETY: a heap block from mimalloc, freed by the C code already.
                 unsafe { mi::mi_free(h.cast()) };
@@ -456,31 +457,34 @@ impl ThreadState {
         self.live_bytes -= size as i64;
     }
 
-    /// Keeps the freed heap block `h` back, and lets the oldest kept one go.
+    /// Keeps the freed heap block `h` of `size` bytes back, and lets the oldest kept one go.
     #[inline(always)]
-    fn quarantine(&mut self, h: *mut Header) {
+    fn quarantine(&mut self, h: *mut Header, size: usize) {
+        let class = if size <= CACHED_MAX - HEADER {
+            size_class(HEADER + size)
+        } else {
+            0
+        };
         let next = self.quarantine_next & (QUARANTINE_BLOCKS - 1);
-        let oldest = std::mem::replace(&mut self.quarantine[next], h);
+        let (oldest, oldest_class) = std::mem::replace(&mut self.quarantine[next], (h, class));
         self.quarantine_next = (next + 1) & (QUARANTINE_BLOCKS - 1);
         if !oldest.is_null() {
-            // SAFETY: a heap block, freed by the C code `QUARANTINE_BLOCKS` frees ago on this
-            // thread.
-            unsafe { self.recycle(oldest) };
+            // SAFETY: a heap block of that class, freed by the C code `QUARANTINE_BLOCKS` frees
+            // ago on this thread.
+            unsafe { self.recycle(oldest, oldest_class) };
         }
     }
 
-    /// Puts the freed heap block `h`, out of the quarantine, in the cache, or gives it to
-    /// mimalloc if it is too big or the cache is full. Its header is left as it is (marked
-    /// freed, naming its site) but for the link to the next cached block.
+    /// Puts the freed heap block `h` of size class `class` (0: too big), out of the
+    /// quarantine, in the cache, or gives it to mimalloc if it is too big or the cache is full.
+    /// Its header is left as it is (marked freed, naming its site) but for the link to the
+    /// next cached block.
     ///
     /// # Safety
     /// `h` is a heap block made by [`alloc`] (on any thread), freed, and held by nothing else.
     #[inline(always)]
-    unsafe fn recycle(&mut self, h: *mut Header) {
-        // SAFETY: a freed header keeps its size.
-        let total = HEADER + unsafe { (*h).size };
-        if total <= CACHED_MAX && self.cached_bytes + size_class(total) * ALIGN <= CACHE_BYTES {
-            let class = size_class(total);
+    unsafe fn recycle(&mut self, h: *mut Header, class: usize) {
+        if class != 0 && class < CACHE_CLASSES && self.cached_bytes + class * ALIGN <= CACHE_BYTES {
             // SAFETY: as above; the block is the cache's now.
             unsafe { (*h).arena = self.cache[class].cast() };
             self.cache[class] = h;
@@ -995,7 +999,7 @@ unsafe fn free_block(l: &mut ThreadState, h: *mut Header, file: *const c_char, l
     unsafe { (*h).magic = magic(FREED, h) };
     l.count_freed(counts, size);
     if arena.is_null() {
-        l.quarantine(h);
+        l.quarantine(h, size);
     } else {
         // SAFETY: the block was made by this thread (its counts are this thread's), so its arena
         // is this thread's; an arena outlives its live blocks' headers (ending it marks them).
@@ -1034,7 +1038,7 @@ unsafe fn free_foreign_block(
     // SAFETY: counts live forever, and their site.
     let mine = l.counts_of(unsafe { (*counts).site });
     l.count_freed(mine, size);
-    l.quarantine(h);
+    l.quarantine(h, size);
 }
 
 /// `lunet_malloc(size)` in tracing builds without a call-site slot: a block of `size` bytes
@@ -1140,7 +1144,7 @@ pub unsafe extern "C" fn lunet_mem_free_at(p: *mut c_void, file: *const c_char, 
             unsafe { (*h).magic = magic(FREED, h) };
             l.count_freed(counts, size);
             if arena.is_null() {
-                l.quarantine(h);
+                l.quarantine(h, size);
             } else {
                 // SAFETY: as in `free_block`.
                 unsafe { (*arena).live_blocks -= 1 };
