@@ -67,7 +67,10 @@ typedef struct lunet_mem_checkpoint_t {
 } lunet_mem_checkpoint_t;
 
 /* A call site's slot: a zero-initialised static at the call, which remembers the site after
-** its first call so that later calls look nothing up. The macros make one per call. */
+** its first call so that later calls look nothing up. With gcc and clang the macros make one
+** per call (a static in a statement expression); define LUNET_MEM_NO_SITE_SLOTS to call the _at
+** forms instead (e.g. for lunet_malloc in an inline function that is not static, which may not
+** hold a static). */
 typedef struct lunet_mem_site_t {
     uintptr_t id;
 } lunet_mem_site_t;
@@ -75,7 +78,11 @@ typedef struct lunet_mem_site_t {
 /* The functions behind the macros (call the macros). Blocks are 16-byte aligned; malloc and
 ** realloc return NULL when out of memory. Inside a worker arena (lunet_worker_arena_begin on the
 ** same thread), blocks come from the arena. The _site forms take the call site's slot (used
-** only for that file:line; NULL: none), the _at forms find the site from file:line. */
+** only for that file:line; NULL: none), the _at forms find the site from file:line.
+** free: a double free aborts with "already freed" as long as the memory was not reused: each
+** thread holds its last 256 freed blocks back, then keeps blocks of up to 1 KiB (header
+** included) in a cache of up to 64 KiB, still marked freed, that lunet_malloc on that thread
+** reuses first (so a thread holds at most 64 KiB plus 256 blocks of freed memory). */
 void *lunet_mem_malloc_site(size_t size, lunet_mem_site_t *site, const char *file, int line);
 void *lunet_mem_realloc_site(void *p, size_t size, lunet_mem_site_t *site, const char *file,
                              int line);
@@ -109,7 +116,7 @@ void lunet_mem_c_stats(lunet_mem_stats_t *out);
 void lunet_mem_report(FILE *f);
 
 #ifdef LUNET_TRACE
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(LUNET_MEM_NO_SITE_SLOTS)
 /* A static slot per call (a statement expression, a GNU C extension that gcc and clang have). */
 #define lunet_malloc(n)                                                                        \
     (__extension__({                                                                          \

@@ -15,7 +15,12 @@
 //! - the magic word is XORed with the header's address: reading it is the ownership check, and
 //!   mimalloc is asked only when that check fails (to say what the pointer is);
 //! - counters are written only by their own thread (plain loads and stores, no read-modify-write)
-//!   and summed when reported.
+//!   and summed when reported;
+//! - a freed heap block waits in the thread's quarantine (a ring of the last 256 frees, still
+//!   marked freed, so that a double free is caught), then small ones wait in a per-thread cache
+//!   by size class (still marked freed) where `lunet_malloc` takes them back: most calls reach
+//!   neither mimalloc nor anything shared;
+//! - a worker arena is a bump pointer in chunks kept from one arena to the next.
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -200,8 +205,8 @@ fn peaks() -> &'static Mutex<Vec<&'static AtomicI64>> {
 // ---------------------------------------------------------------------------------------------
 // Thread state
 
-/// What one thread keeps: its counts of each site, its live bytes and their peak, its worker arenas, spare arena
-/// chunks, and its quarantine of freed blocks.
+/// What one thread keeps: its counts of each site, its live bytes and their peak, its worker
+/// arenas, spare arena chunks, its quarantine of freed blocks and its cache of blocks to reuse.
 ///
 /// Reached through one pointer-sized thread-local ([`STATE`]): a module's static TLS must stay
 /// small, or `dlopen` of the Lua module fails ("cannot allocate memory in static TLS block").
@@ -508,7 +513,12 @@ impl ThreadState {
         if size > CACHED_MAX - HEADER {
             return ptr::null_mut();
         }
-        let class = size_class(HEADER + size);
+        self.cached_block(size_class(HEADER + size))
+    }
+
+    /// A block of size class `class` from the cache, or null if it has none.
+    #[inline(always)]
+    fn cached_block(&mut self, class: usize) -> *mut Header {
         let h = self.cache[class];
         if !h.is_null() {
             // SAFETY: a cached block (only this thread's cache holds it); its header links to
@@ -528,17 +538,13 @@ impl ThreadState {
             return unsafe { mi::mi_malloc(total) }.cast();
         }
         let class = size_class(total);
-        let h = self.cache[class];
-        if h.is_null() {
-            // SAFETY: as above. The block gets its class's whole size, so that it can serve
-            // any size of the class when it is reused.
-            return unsafe { mi::mi_malloc_small(class * ALIGN) }.cast();
+        let h = self.cached_block(class);
+        if !h.is_null() {
+            return h;
         }
-        // SAFETY: a cached block (only this thread's cache holds it); its header links to the
-        // next.
-        self.cache[class] = unsafe { (*h).arena }.cast();
-        self.cached_bytes -= class * ALIGN;
-        h
+        // SAFETY: as above. The block gets its class's whole size, so that it can serve any
+        // size of the class when it is reused.
+        unsafe { mi::mi_malloc_small(class * ALIGN) }.cast()
     }
 }
 
