@@ -1,8 +1,10 @@
 -- One benchmark run: lua bench/workloads.lua WORKLOAD MODE N
 --   WORKLOAD: churn | strings | handler
 --   MODE:     bare (no module) | track (module loaded) | scope (module, a scope per request)
+--             | arena (module, an arena scope per request)
 --   (LUNET_MEM_ALLOCATOR=host|mimalloc in the environment picks where new blocks come from)
--- Prints the CPU seconds the workload took (start-up and loading excluded).
+-- Prints the CPU seconds the workload took (start-up and loading excluded) and the process's
+-- peak resident set in KiB (VmHWM).
 local workload, mode, n = arg[1], arg[2], tonumber(arg[3])
 local mem
 if mode ~= "bare" then mem = require "lunet.mem" end
@@ -43,10 +45,13 @@ local function handler(request)
            body = "[" .. table.concat(body, ",") .. "]" }
 end
 
+local ARENA = { name = "GET /users", arena = true }
 function work.handler(iterations)
   local last
   if mode == "scope" then
     for _ = 1, iterations do last = mem.scope("GET /users", handler, raw) end
+  elseif mode == "arena" then
+    for _ = 1, iterations do last = mem.scope(ARENA, handler, raw) end
   else
     for _ = 1, iterations do last = handler(raw) end
   end
@@ -57,4 +62,8 @@ local f = assert(work[workload], "unknown workload")
 collectgarbage("collect")
 local t0 = os.clock()
 f(n)
-print(string.format("%.6f", os.clock() - t0))
+local seconds = os.clock() - t0
+local status = io.open("/proc/self/status")
+local hwm = status and status:read("*a"):match("VmHWM:%s*(%d+)") or "0"
+if status then status:close() end
+print(string.format("%.6f %s", seconds, hwm))

@@ -17,6 +17,22 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use mlua::ffi::{self, lua_State};
 
+/// mimalloc's `mi_option_arena_eager_commit` (the same number in its v2 and v3 headers).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Run when the library is loaded, before its first allocation: mimalloc would otherwise commit
+/// its first arena eagerly, which made 4 MiB resident in a Lua process that needs a few hundred
+/// KiB (measured with /proc/self/smaps: 7.5 MiB resident after `require` instead of 3.8).
+#[used]
+#[link_section = ".init_array"]
+static CONFIGURE_MIMALLOC: extern "C" fn() = {
+    extern "C" fn configure() {
+        // SAFETY: sets a mimalloc option; no allocation is live that it could affect.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    }
+    configure
+};
+
 /// The Lua half of the module (argument checking, neutrality checks, coroutine wrappers),
 /// compiled into the library so that `require "lunet.mem"` needs nothing else.
 const LUA_LAYER: &str = include_str!("lua/mem.lua");

@@ -1169,10 +1169,18 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
         let base = ffi::lua_gettop(L);
         ffi::luaL_checkstack(L, base + 8, c"too many arguments".as_ptr());
         let mut arena = None;
+        let quick = match (ffi::lua_type(L, 1), ffi::lua_type(L, 2)) {
+            (ffi::LUA_TTABLE, ffi::LUA_TFUNCTION) => quick_options(L),
+            _ => None,
+        };
         let fn_at = match (ffi::lua_type(L, 1), ffi::lua_type(L, 2)) {
             (ffi::LUA_TSTRING, ffi::LUA_TFUNCTION) => {
                 ffi::lua_pushvalue(L, 1);
                 ffi::lua_pushnil(L);
+                2
+            }
+            _ if quick.is_some() => {
+                arena = quick.expect("checked");
                 2
             }
             (first, _) => {
@@ -1222,6 +1230,66 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
             Some(scope_k),
         );
         scope_finish(L, status, base)
+    }
+}
+
+/// The fast path of `l_scope` for `mem.scope(opts, fn, ...)`: when every field of `opts` is one
+/// mem.lua's check accepts at sight (`name` a string, `on_exit` a function, `arena` a boolean)
+/// and the name is known, pushes the name and `on_exit` (or nil) and returns the arena option.
+/// Otherwise pushes nothing and returns `None`: the Lua `prepare` checks (and raises).
+///
+/// # Safety
+/// Called from `l_scope` with `opts` at 1, `fn` at 2, and 4 free slots.
+#[cfg(c_scope)]
+unsafe fn quick_options(L: *mut lua_State) -> Option<Option<usize>> {
+    // SAFETY: valid state; only string keys are read as strings; the stack is balanced on
+    // every return.
+    unsafe {
+        if ffi::lua_getmetatable(L, 1) != 0 {
+            ffi::lua_pop(L, 1); // __index or __pairs could change what mem.lua would see
+            return None;
+        }
+        let (mut has_name, mut has_on_exit, mut arena) = (false, false, None);
+        let top = ffi::lua_gettop(L);
+        ffi::lua_pushnil(L);
+        while ffi::lua_next(L, 1) != 0 {
+            let key = if ffi::lua_type(L, -2) == ffi::LUA_TSTRING {
+                let mut len = 0usize;
+                let p = ffi::lua_tolstring(L, -2, &mut len);
+                std::slice::from_raw_parts(p as *const u8, len)
+            } else {
+                b""
+            };
+            let value_type = ffi::lua_type(L, -1);
+            match (key, value_type) {
+                (b"name", ffi::LUA_TSTRING) => has_name = true,
+                (b"on_exit", ffi::LUA_TFUNCTION) => has_on_exit = true,
+                (b"arena", ffi::LUA_TBOOLEAN) => {
+                    arena = (ffi::lua_toboolean(L, -1) != 0).then_some(arena::DEFAULT_CHUNK)
+                }
+                _ => {
+                    ffi::lua_settop(L, top);
+                    return None;
+                }
+            }
+            ffi::lua_pop(L, 1);
+        }
+        if has_name {
+            ffi::lua_getfield(L, 1, c"name".as_ptr());
+        } else {
+            ffi::lua_pushvalue(L, 2);
+            ffi::lua_rawget(L, ffi::lua_upvalueindex(2));
+            if ffi::lua_type(L, -1) != ffi::LUA_TSTRING {
+                ffi::lua_settop(L, top);
+                return None;
+            }
+        }
+        if has_on_exit {
+            ffi::lua_getfield(L, 1, c"on_exit".as_ptr());
+        } else {
+            ffi::lua_pushnil(L);
+        }
+        Some(arena)
     }
 }
 

@@ -3,8 +3,8 @@
 -- of src/lua_api.rs as `core`. Returns the module table.
 local core = ...
 
-local collectgarbage, error, pcall, select, type, tostring, pairs, setmetatable, rawget =
-  collectgarbage, error, pcall, select, type, tostring, pairs, setmetatable, rawget
+local collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget =
+  collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget
 local floor, format, concat = math.floor, string.format, table.concat
 local getmetatable = (rawget(_G, "debug") and debug.getmetatable) or getmetatable
 local getinfo = rawget(_G, "debug") and debug.getinfo
