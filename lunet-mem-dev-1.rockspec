@@ -26,6 +26,7 @@ build = {
       },
       lua = {
          ["lunet.mem.busted"] = "lua/lunet/mem/busted.lua",
+         ["lunet.mem.holders"] = "lua/lunet/mem/holders.lua",
       },
    },
 }

@@ -1,0 +1,213 @@
+local helpers = require "spec.helpers"
+local mem = helpers.mem
+local holders = require "lunet.mem.holders"
+
+-- The leaking handlers are made here, away from the tests' frames, so that what holds their
+-- tables is the handler's upvalue, not a local of the test that is also on the stack.
+local function make_handler()
+  local seen = {}
+  return function(req) seen[#seen + 1] = { req.id } end
+end
+
+local function make_cache_filler()
+  local cache, n = {}, 0
+  return function()
+    n = n + 1
+    cache[#cache + 1] = "entry " .. n -- a new string per call, kept by a table made before
+  end
+end
+
+local function make_worker()
+  return coroutine.create(function()
+    local acc = {}
+    while true do
+      acc[#acc + 1] = { "job" }
+      coroutine.yield()
+    end
+  end)
+end
+
+local function make_wrapped_worker()
+  local backlog = {}
+  local function body()
+    while true do
+      backlog[#backlog + 1] = {}
+      coroutine.yield()
+    end
+  end
+  local info = debug.getinfo(body, "S")
+  return coroutine.wrap(body), info.short_src .. ":" .. info.linedefined
+end
+
+local function site(fn)
+  local info = debug.getinfo(fn, "S")
+  return info.short_src .. ":" .. info.linedefined
+end
+
+-- Plain-text search, with the report shown when it fails.
+local function has(report, text)
+  assert(report:find(text, 1, true), "expected the report to contain:\n  " .. text ..
+    "\ngot:\n" .. report)
+end
+local function has_not(report, text)
+  assert(not report:find(text, 1, true), "expected the report not to contain:\n  " .. text ..
+    "\ngot:\n" .. report)
+end
+
+local function leak_report(fn, opts)
+  local ok, report = mem.is_neutral(fn, opts)
+  assert.is_false(ok)
+  return report
+end
+
+describe("leak reports: who holds it", function()
+  it("names the upvalue and the function that holds the tables, with its line", function()
+    local handler = make_handler()
+    local report = leak_report(function() handler({ id = 1 }) end, { name = "GET /users" })
+    assert.matches('^leak in "GET /users": %+[%d.]+ bytes, %+[%d.]+ blocks? per run', report)
+    has(report, "\n  table (" .. site(handler) .. "), 1 object\n")
+    has(report, "held by: field [")
+    has(report, "of upvalue 'seen' of function handler (" .. site(handler) .. ")")
+    has(report, "table grew by 1 entry")
+  end)
+
+  it("names a global", function()
+    _G.__holders_leak = {}
+    local fn = function() _G.__holders_leak[#_G.__holders_leak + 1] = {} end
+    local report = leak_report(fn)
+    has(report, "held by: _G.__holders_leak[")
+    has(report, "table grew by 1 entry\n    held by: _G.__holders_leak")
+    _G.__holders_leak = nil
+  end)
+
+  it("names a registry entry", function()
+    local registry = debug.getregistry()
+    registry["holders.spec"] = { list = {} }
+    local fn = function()
+      local list = debug.getregistry()["holders.spec"].list
+      list[#list + 1] = {}
+    end
+    local report = leak_report(fn)
+    has(report, 'held by: registry["holders.spec"].list[')
+    registry["holders.spec"] = nil
+  end)
+
+  it("names a metatable", function()
+    local obj = setmetatable({}, { log = {} })
+    local function log_it() local log = getmetatable(obj).log; log[#log + 1] = {} end
+    local report = leak_report(function() log_it() end)
+    has(report, "held by: field [")
+    -- (`obj` is also a local of this test, as short a path as log_it's upvalue)
+    has(report, "of field 'log' of metatable of ")
+    assert.matches("of field 'log' of metatable of [a-z]+ 'obj'", report)
+  end)
+
+  it("names the metatable of a basic type", function()
+    local string_mt = debug.getmetatable("")
+    string_mt.__holders_log = {}
+    local report = leak_report(function()
+      local log = debug.getmetatable("").__holders_log
+      log[#log + 1] = {}
+    end)
+    string_mt.__holders_log = nil
+    has(report, 'held by: debug.getmetatable("").__holders_log[')
+  end)
+
+  it("names a suspended coroutine and its local", function()
+    local worker = make_worker()
+    coroutine.resume(worker)
+    local report = leak_report(function() coroutine.resume(worker) end)
+    local body = site(debug.getinfo(worker, 1, "f").func)
+    has(report, "\n  table (" .. body .. "), 1 object\n")
+    has(report, "of local 'acc' in function (" .. body .. ") of coroutine <" .. body ..
+      "> (suspended) <- upvalue 'worker' of the checked function")
+  end)
+
+  it("names a coroutine's upvalue", function()
+    local worker, body = make_wrapped_worker() -- (`body`: where the coroutine's function is)
+    worker()
+    local report = leak_report(function() worker() end)
+    has(report, "\n  table (" .. body .. "), 1 object\n")
+    has(report, "of upvalue 'backlog' of function (" .. body .. ") <- a frame of coroutine <"
+      .. body .. "> (suspended)")
+  end)
+
+  it("reports a table made before that grew, with its holder", function()
+    local fill = make_cache_filler()
+    local report = leak_report(function() fill() end)
+    has(report, "\n  table grew by 1 entry\n    held by: upvalue 'cache' of function fill (" ..
+      site(fill) .. ")")
+    has_not(report, "object") -- strings are not listed as objects
+  end)
+
+  it("is not fooled by weak tables", function()
+    local weak_values = setmetatable({}, { __mode = "v" })
+    local weak_keys = setmetatable({}, { __mode = "k" })
+    local kept = {}
+    local function handler()
+      local t = {}
+      weak_values[#weak_values + 1] = t
+      weak_keys[t] = { "only while t lives" }
+      kept[#kept + 1] = t
+    end
+    local report = leak_report(handler)
+    -- t, and the value of weak_keys[t], held while t lives:
+    -- (on 5.1 and LuaJIT a weak-keyed table holds its values strongly: that value may show)
+    has(report, "), 2 objects\n    held by: field [")
+    has(report, "upvalue 'kept' of the checked function")
+    has_not(report, "weak_values")
+    has(report, "table grew by 1 entry\n    held by: upvalue 'kept' of the checked function")
+    has_not(report, "table grew by 1 entry\n    held by: upvalue 'weak") -- weak tables do not count
+  end)
+
+  it("adds nothing for a handler that leaks nothing", function()
+    local cache = {}
+    assert.is_true(mem.is_neutral(function()
+      local t = { 1, 2, 3 }
+      cache.last = t
+      return #t
+    end))
+  end)
+
+  it("appears in the busted assertion's message", function()
+    require "lunet.mem.busted"
+    local handler = make_handler()
+    local ok, err = pcall(assert.is_neutral, function() handler({ id = 2 }) end)
+    assert.is_false(ok)
+    local msg = type(err) == "table" and err.message or tostring(err)
+    has(msg, "of upvalue 'seen' of function handler (" .. site(handler) .. ")")
+  end)
+end)
+
+describe("holders.snapshot() / holders.explain()", function()
+  it("report nothing when nothing new is alive", helpers.without_jit(function()
+    local before = holders.snapshot()
+    local lines = holders.explain(before)
+    assert.are.equal(1, #lines)
+    assert.matches("no new object is reachable", lines[1])
+  end))
+
+  it("keep nothing alive", function()
+    local t = {}
+    local before = holders.snapshot()
+    assert.is_true(before[t] ~= nil)
+    local probe = setmetatable({ t }, { __mode = "v" })
+    t = nil
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(probe[1])
+    assert.is_true(before ~= nil)
+  end)
+
+  it("list new objects by type and function", helpers.without_jit(function()
+    local keep = {}
+    local function make() return function() return keep end end
+    local before = holders.snapshot()
+    keep.a, keep.b = make(), {}
+    local report = "\n" .. table.concat(holders.explain(before), "\n")
+    has(report, "\n  function (" .. site(make) .. "), 1 object\n") -- (made on the same line)
+    has(report, "\n  table (" .. site(debug.getinfo(1, "f").func) .. "), 1 object\n")
+    -- (the function may be shown held by a stale stack slot: LuaJIT keeps one)
+    has(report, "held by: field 'b' of local 'keep'")
+  end))
+end)
