@@ -126,9 +126,37 @@ struct Chunk {
     /// Live blocks in the chunk. The chunk leaves its arena only at 0.
     live: u32,
     /// Its size class.
-    class: u32,
+    class: u16,
+    /// What its blocks are: [`OBJECTS`] or [`OTHER`].
+    kind: u16,
     /// Next chunk in a pool.
     next: *mut Chunk,
+}
+
+/// Kind of the chunks that hold Lua objects (every block on 5.1 and LuaJIT, which do not say).
+pub const OBJECTS: usize = 0;
+/// Kind of the chunks that hold the other blocks of the scope (arrays, hash parts, stacks: Lua
+/// 5.2+ tags new objects and not these). Their live blocks keep the memory, but do not make the
+/// arena pinned: a long-lived table that grew during the request holds such a block.
+pub const OTHER: usize = 1;
+
+/// On Lua 5.1 and LuaJIT, which do not tag new objects, larger blocks are taken as [`OTHER`]:
+/// the VM's tables that grow with the program (the string table, large arrays) are, while an
+/// object is rarely that large (a long string or a large userdata, whose leak then keeps the
+/// memory without pinning the arena).
+pub const UNTAGGED_OBJECT_MAX: usize = 512;
+
+/// Where an arena bumps blocks of one kind from.
+#[derive(Default)]
+struct Cursor {
+    /// The chunk blocks are bumped from, or null.
+    cur: Cell<*mut Chunk>,
+    /// Next free byte in `cur`, and its end: `bump..limit` is free. Both 0 when there is no
+    /// chunk or the arena has ended (so that the fast path fails).
+    bump: Cell<usize>,
+    limit: Cell<usize>,
+    /// Class of the next chunk (chunks double up to the largest).
+    next_class: Cell<usize>,
 }
 
 /// The chunk that holds the arena block `p`.
@@ -171,22 +199,30 @@ pub unsafe fn owner<'a>(p: *const c_void) -> Owner<'a> {
     }
 }
 
+/// The kind of the arena block `p` ([`OBJECTS`] or [`OTHER`]).
+///
+/// # Safety
+/// `contains(p)`, a live block.
+pub unsafe fn kind_of(p: *mut c_void) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe { (*chunk_of(p)).kind as usize }
+}
+
 /// One arena scope's arena. Owned by its state's [`ArenaSet`] (a raw list), freed once it is
 /// reclaimed and no scope refers to it any more.
 pub struct Arena {
     /// The name of the scope that made it.
     pub name: Rc<str>,
-    /// The chunk blocks are bumped from, or null.
-    cur: Cell<*mut Chunk>,
-    /// Next free byte in `cur`, and its end: `bump..limit` is free. Both 0 when there is no
-    /// chunk or the arena has ended (so that the fast path fails).
-    bump: Cell<usize>,
-    limit: Cell<usize>,
-    /// Class of the next chunk (chunks double up to the largest).
-    next_class: Cell<usize>,
+    /// The scope that made it while that scope is open (frees of its blocks are that scope's),
+    /// else null.
+    pub owner: Cell<*const crate::scope::Scope>,
+    /// Bump cursors by kind ([`OBJECTS`], [`OTHER`]).
+    cursors: [Cursor; 2],
     /// Blocks and bytes (Lua's sizes) alive in the arena.
     pub live_blocks: Cell<u64>,
     pub live_bytes: Cell<u64>,
+    /// Live blocks in its [`OBJECTS`] chunks: while an ended arena has any, it is pinned.
+    pub live_objects: Cell<u64>,
     /// Blocks placed in the arena so far.
     pub blocks: Cell<u64>,
     /// Bytes of the chunks the arena holds.
@@ -210,6 +246,7 @@ pub struct ArenaInfo {
     pub name: Rc<str>,
     pub live_bytes: u64,
     pub live_blocks: u64,
+    pub live_objects: u64,
     pub blocks: u64,
     pub reserved_bytes: u64,
     /// GC cycles since the scope ended (`None` while it runs).
@@ -265,14 +302,14 @@ impl ArenaSet {
     /// A new arena named `name` whose first chunk holds `first_chunk` bytes, with one user
     /// (the scope that opens it).
     pub fn open(&self, name: Rc<str>, first_chunk: usize) -> *mut Arena {
+        let first_class = class_for(first_chunk);
         let arena = Box::into_raw(Box::new(Arena {
             name,
-            cur: Cell::new(ptr::null_mut()),
-            bump: Cell::new(0),
-            limit: Cell::new(0),
-            next_class: Cell::new(class_for(first_chunk)),
+            owner: Cell::new(ptr::null()),
+            cursors: Default::default(),
             live_blocks: Cell::new(0),
             live_bytes: Cell::new(0),
+            live_objects: Cell::new(0),
             blocks: Cell::new(0),
             reserved_bytes: Cell::new(0),
             ended: Cell::new(false),
@@ -283,6 +320,10 @@ impl ArenaSet {
             prev: Cell::new(ptr::null_mut()),
             next: Cell::new(self.head.get()),
         }));
+        // SAFETY: just made.
+        for cursor in unsafe { &(*arena).cursors } {
+            cursor.next_class.set(first_class);
+        }
         if let Some(head) = self.head_ref() {
             head.prev.set(arena);
         }
@@ -306,6 +347,7 @@ impl ArenaSet {
                 name: arena.name.clone(),
                 live_bytes: arena.live_bytes.get(),
                 live_blocks: arena.live_blocks.get(),
+                live_objects: arena.live_objects.get(),
                 blocks: arena.blocks.get(),
                 reserved_bytes: arena.reserved_bytes.get(),
                 age: arena
@@ -378,25 +420,27 @@ impl ArenaSet {
         }
     }
 
-    /// Places a block of `nsize` bytes in `arena`; null if the arena has ended, the block is too
-    /// large, or no chunk can be had (the caller then serves it elsewhere).
+    /// Places a block of `nsize` bytes of `kind` ([`OBJECTS`] or [`OTHER`]) in `arena`; null if
+    /// the arena has ended, the block is too large, or no chunk can be had (the caller then
+    /// serves it elsewhere).
     ///
     /// # Safety
     /// `arena` is a live arena of this set.
     #[inline(always)]
-    pub unsafe fn alloc(&self, arena: *mut Arena, nsize: usize) -> *mut c_void {
+    pub unsafe fn alloc(&self, arena: *mut Arena, nsize: usize, kind: usize) -> *mut c_void {
         // SAFETY: the caller's contract.
         let a = unsafe { &*arena };
+        let c = &a.cursors[kind];
         let size = (nsize + ALIGN - 1) & !(ALIGN - 1);
-        let bump = a.bump.get();
-        let block = if size <= a.limit.get() - bump {
-            a.bump.set(bump + size);
+        let bump = c.bump.get();
+        let block = if size <= c.limit.get() - bump {
+            c.bump.set(bump + size);
             // SAFETY: `bump` is in `cur`, a chunk of this arena.
-            unsafe { (*a.cur.get()).live += 1 };
+            unsafe { (*c.cur.get()).live += 1 };
             bump
         } else {
             // SAFETY: forwarded contract.
-            let block = unsafe { self.alloc_in_new_chunk(a, size) };
+            let block = unsafe { self.alloc_in_new_chunk(a, size, kind) };
             if block == 0 {
                 return ptr::null_mut();
             }
@@ -404,24 +448,28 @@ impl ArenaSet {
         };
         a.live_blocks.set(a.live_blocks.get() + 1);
         a.live_bytes.set(a.live_bytes.get() + nsize as u64);
+        if kind == OBJECTS {
+            a.live_objects.set(a.live_objects.get() + 1);
+        }
         a.blocks.set(a.blocks.get() + 1);
         self.live_blocks.set(self.live_blocks.get() + 1);
         self.live_bytes.set(self.live_bytes.get() + nsize as u64);
         block as *mut c_void
     }
 
-    /// The slow path of [`ArenaSet::alloc`]: a new chunk for a block of `size` (aligned) bytes.
-    /// Returns the block's address (its chunk counts it), or 0.
+    /// The slow path of [`ArenaSet::alloc`]: a new chunk of `kind` for a block of `size`
+    /// (aligned) bytes. Returns the block's address (its chunk counts it), or 0.
     ///
     /// # Safety
     /// `a` is a live arena of this set.
     #[cold]
     #[inline(never)]
-    unsafe fn alloc_in_new_chunk(&self, a: &Arena, size: usize) -> usize {
+    unsafe fn alloc_in_new_chunk(&self, a: &Arena, size: usize, kind: usize) -> usize {
         if a.ended.get() || size > MAX_BLOCK {
             return 0;
         }
-        let class = a.next_class.get().max(class_for(size + HEADER));
+        let c = &a.cursors[kind];
+        let class = c.next_class.get().max(class_for(size + HEADER));
         let chunk = self.take_chunk(class);
         if chunk.is_null() {
             return 0;
@@ -432,10 +480,11 @@ impl ArenaSet {
             chunk.write(Chunk {
                 arena: a as *const Arena as *mut Arena,
                 live: 1,
-                class: class as u32,
+                class: class as u16,
+                kind: kind as u16,
                 next: ptr::null_mut(),
             });
-            let old = a.cur.replace(chunk);
+            let old = c.cur.replace(chunk);
             if !old.is_null() && (*old).live == 0 {
                 self.release_chunk(a, old);
             }
@@ -445,10 +494,10 @@ impl ArenaSet {
             .set(a.reserved_bytes.get() + size_of_chunk as u64);
         self.reserved_bytes
             .set(self.reserved_bytes.get() + size_of_chunk as u64);
-        a.next_class.set((class + 1).min(CLASSES - 1));
+        c.next_class.set((class + 1).min(CLASSES - 1));
         let block = chunk as usize + HEADER;
-        a.bump.set(block + size);
-        a.limit.set(chunk as usize + size_of_chunk);
+        c.bump.set(block + size);
+        c.limit.set(chunk as usize + size_of_chunk);
         block
     }
 
@@ -456,19 +505,54 @@ impl ArenaSet {
     ///
     /// # Safety
     /// `contains(block)`, and `block` is a live block of this set's arenas.
+    /// Returns the scope its free is to be attributed to (see [`ArenaSet::attribution`]),
+    /// read before the arena may be reclaimed.
     #[inline(always)]
-    pub unsafe fn free(&self, block: *mut c_void, osize: usize) {
+    pub unsafe fn free(
+        &self,
+        block: *mut c_void,
+        osize: usize,
+        active: *const crate::scope::Scope,
+    ) -> *const crate::scope::Scope {
         // SAFETY: the caller's contract: the block's chunk and arena are live.
         unsafe {
             let chunk = chunk_of(block);
             (*chunk).live -= 1;
-            let a = &*(*chunk).arena;
+            let arena = (*chunk).arena;
+            let a = &*arena;
+            let attribute_to = Self::attribution(arena, active);
             a.live_blocks.set(a.live_blocks.get() - 1);
             a.live_bytes.set(a.live_bytes.get() - osize as u64);
+            if (*chunk).kind as usize == OBJECTS {
+                a.live_objects.set(a.live_objects.get() - 1);
+            }
             self.live_blocks.set(self.live_blocks.get() - 1);
             self.live_bytes.set(self.live_bytes.get() - osize as u64);
             if (*chunk).live == 0 {
                 self.chunk_emptied(a, chunk);
+            }
+            attribute_to
+        }
+    }
+
+    /// The scope the free of a block of `arena` counts for: the active scope if it places its
+    /// blocks in that arena (the arena's own scope or one opened inside it), else the scope
+    /// that made the arena while it is open (a collection step that runs during another
+    /// request frees this request's garbage), else none.
+    ///
+    /// # Safety
+    /// `arena` is live; `active` is null or a live scope.
+    #[inline(always)]
+    unsafe fn attribution(
+        arena: *mut Arena,
+        active: *const crate::scope::Scope,
+    ) -> *const crate::scope::Scope {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if !active.is_null() && (*active).arena() == arena {
+                active
+            } else {
+                (*arena).owner.get()
             }
         }
     }
@@ -492,15 +576,19 @@ impl ArenaSet {
         let old_size = (osize + ALIGN - 1) & !(ALIGN - 1);
         let new_size = (nsize + ALIGN - 1) & !(ALIGN - 1);
         // SAFETY: the caller's contract.
-        let a = unsafe { &*(*chunk_of(block)).arena };
+        let (a, kind) = unsafe {
+            let chunk = chunk_of(block);
+            (&*(*chunk).arena, (*chunk).kind as usize)
+        };
+        let c = &a.cursors[kind];
         let fits = if new_size <= old_size {
             true
         } else {
             let end = block as usize + old_size;
             let grow = new_size - old_size;
-            let last = end == a.bump.get() && grow <= a.limit.get() - end;
+            let last = end == c.bump.get() && grow <= c.limit.get() - end;
             if last {
-                a.bump.set(end + grow);
+                c.bump.set(end + grow);
             }
             last
         };
@@ -521,10 +609,12 @@ impl ArenaSet {
     #[cold]
     #[inline(never)]
     unsafe fn chunk_emptied(&self, a: &Arena, chunk: *mut Chunk) {
-        if chunk == a.cur.get() {
+        // SAFETY: the caller's contract.
+        let c = &a.cursors[unsafe { (*chunk).kind } as usize];
+        if chunk == c.cur.get() {
             if !a.ended.get() {
                 // Nothing lives in it: bump from its start again.
-                a.bump.set(chunk as usize + HEADER);
+                c.bump.set(chunk as usize + HEADER);
             }
         } else {
             // SAFETY: forwarded contract.
@@ -562,8 +652,11 @@ impl ArenaSet {
         }
         a.ended.set(true);
         a.ended_at.set(self.gc_cycles.get());
-        a.bump.set(0);
-        a.limit.set(0);
+        a.owner.set(ptr::null());
+        for c in &a.cursors {
+            c.bump.set(0);
+            c.limit.set(0);
+        }
         if a.live_blocks.get() == 0 {
             // SAFETY: the caller's contract.
             unsafe { self.reclaim(arena) };
@@ -580,9 +673,11 @@ impl ArenaSet {
         unsafe {
             let a = &*arena;
             debug_assert!(a.ended.get() && a.live_blocks.get() == 0 && !a.reclaimed.get());
-            let cur = a.cur.replace(ptr::null_mut());
-            if !cur.is_null() {
-                self.release_chunk(a, cur);
+            for c in &a.cursors {
+                let cur = c.cur.replace(ptr::null_mut());
+                if !cur.is_null() {
+                    self.release_chunk(a, cur);
+                }
             }
             debug_assert_eq!(a.reserved_bytes.get(), 0);
             self.unlink(a);
@@ -676,9 +771,11 @@ impl Drop for ArenaSet {
             while !a.is_null() {
                 let arena = &*a;
                 let next = arena.next.get();
-                let cur = arena.cur.replace(ptr::null_mut());
-                if !cur.is_null() {
-                    give_to_process(cur, (*cur).class as usize);
+                for c in &arena.cursors {
+                    let cur = c.cur.replace(ptr::null_mut());
+                    if !cur.is_null() {
+                        give_to_process(cur, (*cur).class as usize);
+                    }
                 }
                 arena.set.set(ptr::null());
                 arena.reclaimed.set(true);
@@ -711,7 +808,7 @@ mod tests {
         unsafe {
             let mut blocks = Vec::new();
             for n in [1, 24, 100, 3000, 5000, 70_000] {
-                let b = set.alloc(arena, n);
+                let b = set.alloc(arena, n, OBJECTS);
                 assert!(!b.is_null() && contains(b) && b as usize % ALIGN == 0);
                 assert_eq!((*chunk_of(b)).arena, arena);
                 blocks.push((b, n));
@@ -720,7 +817,7 @@ mod tests {
             set.end(arena);
             assert_eq!(set.count.get(), 1, "live blocks keep it");
             for (b, n) in blocks {
-                set.free(b, n);
+                set.free(b, n, ptr::null());
             }
             assert_eq!((set.count.get(), set.reserved_bytes.get()), (0, 0));
             Arena::drop_user(arena);

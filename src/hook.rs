@@ -138,6 +138,15 @@ impl Tracker {
         name
     }
 
+    /// Whether the active scope's budgets admit an allocation of `delta` more bytes (see
+    /// [`Scope::admits`]).
+    #[inline(always)]
+    fn admits(&self, delta: usize) -> bool {
+        let scope = self.active.get();
+        // SAFETY: a non-null `active` is kept alive by `active_owner`.
+        scope.is_null() || unsafe { (*scope).admits(delta) }
+    }
+
     pub fn reset_peak(&self) {
         self.peak_bytes.set(self.live_bytes.get());
     }
@@ -185,15 +194,30 @@ impl Tracker {
         }
     }
 
+    /// Counts the free of a block that is not in an arena. It counts for the active scope,
+    /// unless that scope places its blocks in an arena: then the block is not one it made.
     #[inline(always)]
     fn on_free(&self, osize: usize) {
+        let scope = self.active.get();
+        // SAFETY: as in `on_alloc`.
+        let to = if !scope.is_null() && unsafe { (*scope).arena() }.is_null() {
+            scope
+        } else {
+            ptr::null()
+        };
+        self.on_free_for(osize, to);
+    }
+
+    /// Counts the free of a block of `osize` bytes for the scope `to` (and its open ancestors),
+    /// if not null.
+    #[inline(always)]
+    fn on_free_for(&self, osize: usize, to: *const Scope) {
         self.frees.set(self.frees.get() + 1);
         self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
         self.live_bytes.set(self.live_bytes.get() - osize as u64);
-        let scope = self.active.get();
-        if !scope.is_null() {
-            // SAFETY: as in `on_alloc`.
-            unsafe { Scope::attribute_free(scope, osize as u64) };
+        if !to.is_null() {
+            // SAFETY: `to` is the active scope or an arena's open owner, both live.
+            unsafe { Scope::attribute_free(to, osize as u64) };
         }
     }
 
@@ -324,8 +348,8 @@ unsafe fn after_free(t: &Tracker, ud: *mut c_void) -> bool {
 }
 
 /// A new block of `nsize` bytes (`tag`: Lua 5.2+'s type tag, else 0): in the active scope's
-/// arena if it has one and the block is an object (on 5.1 and LuaJIT, which pass no tag, every
-/// new block), else from where `MIMALLOC` says.
+/// arena if it has one (in its object chunks if the tag says it is an object; on 5.1 and
+/// LuaJIT, which pass no tag, if it is small enough to be one), else from where `MIMALLOC` says.
 ///
 /// # Safety
 /// The `lua_Alloc` contract for a new block; `nsize > 0`.
@@ -335,9 +359,20 @@ unsafe fn new_block<const MIMALLOC: bool>(t: &Tracker, tag: usize, nsize: usize)
     if !scope.is_null() {
         // SAFETY: a non-null `active` is kept alive by `active_owner`.
         let arena = unsafe { (*scope).arena() };
-        if !arena.is_null() && (!cfg!(type_tags) || tag != 0) && !t.arenas.paused.get() {
+        if !arena.is_null() && !t.arenas.paused.get() {
+            let kind = if cfg!(type_tags) {
+                if tag == 0 {
+                    arena::OTHER
+                } else {
+                    arena::OBJECTS
+                }
+            } else if nsize > arena::UNTAGGED_OBJECT_MAX {
+                arena::OTHER
+            } else {
+                arena::OBJECTS
+            };
             // SAFETY: a scope's arena lives while the scope does.
-            let block = unsafe { t.arenas.alloc(arena, nsize) };
+            let block = unsafe { t.arenas.alloc(arena, nsize, kind) };
             if !block.is_null() {
                 return block;
             }
@@ -364,8 +399,8 @@ unsafe fn arena_block<const MIMALLOC: bool>(
     // SAFETY: the caller's contract: `block` is a live arena block of `osize` bytes.
     unsafe {
         if nsize == 0 {
-            t.arenas.free(block, osize);
-            t.on_free(osize);
+            let to = t.arenas.free(block, osize, t.active.get());
+            t.on_free_for(osize, to);
             after_free(t, ud);
             return ptr::null_mut();
         }
@@ -378,7 +413,7 @@ unsafe fn arena_block<const MIMALLOC: bool>(
         if !scope.is_null() {
             let arena = (*scope).arena();
             if !arena.is_null() && t.arenas.owner_is(block, arena) {
-                moved = t.arenas.alloc(arena, nsize);
+                moved = t.arenas.alloc(arena, nsize, arena::kind_of(block));
             }
         }
         if moved.is_null() {
@@ -388,7 +423,7 @@ unsafe fn arena_block<const MIMALLOC: bool>(
             }
         }
         ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
-        t.arenas.free(block, osize);
+        t.arenas.free(block, osize, ptr::null()); // (counted as the realloc below)
         t.on_realloc(osize, nsize);
         moved
     }
@@ -421,7 +456,7 @@ unsafe fn hook<const MIMALLOC: bool>(
     // SAFETY: the caller guarantees `ud` is a live Tracker.
     let tracker = unsafe { &*(ud as *const Tracker) };
     if block.is_null() {
-        if nsize == 0 {
+        if nsize == 0 || !tracker.admits(nsize) {
             return ptr::null_mut();
         }
         // SAFETY: forwarded contract.
@@ -430,6 +465,10 @@ unsafe fn hook<const MIMALLOC: bool>(
             tracker.on_alloc(nsize, osize);
         }
         return result;
+    }
+    // A growth may fail (a scope's budget); a free or a shrink never does.
+    if nsize > osize && !tracker.admits(nsize - osize) {
+        return ptr::null_mut();
     }
     if arena::contains(block) {
         // SAFETY: forwarded contract; blocks in the arenas' range are arena blocks.

@@ -14,7 +14,7 @@ use mlua::ffi::{self, lua_State};
 
 use crate::arena;
 use crate::hook::{Tracker, TYPE_SLOTS};
-use crate::scope::{Scope, ThreadScopes};
+use crate::scope::{Guard, Scope, ThreadScopes};
 use crate::state;
 
 const CHECKPOINT_MT: &CStr = c"lunet.mem.checkpoint";
@@ -490,6 +490,18 @@ unsafe fn arena_option(L: *mut lua_State, idx: c_int) -> Option<usize> {
     }
 }
 
+/// A non-negative integer option at `idx` (checked by mem.lua), or `None` for nil.
+///
+/// # Safety
+/// `L` valid, `idx` acceptable.
+unsafe fn count_option(L: *mut lua_State, idx: c_int) -> Option<u64> {
+    // SAFETY: valid state and index.
+    unsafe {
+        (ffi::lua_type(L, idx) == ffi::LUA_TNUMBER)
+            .then(|| ffi::lua_tonumber(L, idx).clamp(0.0, u64::MAX as f64) as u64)
+    }
+}
+
 /// Opens a scope named by the string at `name_idx` (or "scope") in the running thread and makes
 /// it active, with an arena of its own if `arena` says so (see [`arena_option`]); returns its
 /// token (the scope's address).
@@ -503,9 +515,13 @@ unsafe fn open_scope(
     t: &Tracker,
     name_idx: c_int,
     arena: Option<usize>,
+    guard: Guard,
 ) -> *const Scope {
     // SAFETY: forwarded contract.
     unsafe {
+        if !t.arenas.ticking.get() {
+            arm_gc_tick(L, t); // (its finalizer could not arm the next one: out of memory)
+        }
         let ts = thread_scopes(L, 0, true).expect("created");
         let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
             let mut len = 0usize;
@@ -518,7 +534,7 @@ unsafe fn open_scope(
         if ts.stack.is_empty() {
             ts.base = parent.clone();
         }
-        let scope = Rc::new(Scope::new(name, parent, arena, &t.arenas));
+        let scope = Scope::guarded(name, parent, arena, &t.arenas, guard);
         let token = Rc::as_ptr(&scope);
         ts.stack.push(scope.clone());
         t.set_active_scope(Some(scope));
@@ -537,11 +553,17 @@ unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_
     // SAFETY: forwarded contract.
     unsafe {
         let top = match thread_scopes(L, 0, false) {
-            Some(ts) if ts.stack.last().is_some_and(|s| Rc::as_ptr(s) == token) => {
-                let top = ts.stack.pop().expect("checked");
-                top.close();
-                t.set_active_scope(ts.effective());
-                top
+            Some(ts) if ts.stack.iter().any(|s| Rc::as_ptr(s) == token) => {
+                // Scopes above `token` were left open by an error between their open and the
+                // call they guard (a memory error): they end with it.
+                loop {
+                    let top = ts.stack.pop().expect("token is below");
+                    top.close();
+                    if Rc::as_ptr(&top) == token {
+                        t.set_active_scope(ts.effective());
+                        break top;
+                    }
+                }
             }
             _ => raise(L, "lunet.mem: scope closed out of order".into()),
         };
@@ -553,14 +575,20 @@ unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_
     }
 }
 
-/// `core.scope_open(name, arena)`: opens a scope in the running thread and makes it active.
+/// `core.scope_open(name, arena, limit, allowance)`: opens a scope in the running thread and
+/// makes it active (`limit`: a budget of net bytes; `allowance`: allocations admitted before
+/// every next one fails, for `mem.fail_after`).
 /// Returns a token (light userdata) for `scope_close`.
 unsafe extern "C-unwind" fn l_scope_open(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         let t = check_tracker(L);
         let arena = arena_option(L, 2);
-        let token = open_scope(L, t, 1, arena);
+        let guard = Guard {
+            limit: count_option(L, 3),
+            allowance: count_option(L, 4),
+        };
+        let token = open_scope(L, t, 1, arena, guard);
         ffi::lua_pushlightuserdata(L, token as *mut c_void);
     }
     1
@@ -834,8 +862,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
             ffi::lua_pushcfunction(L, l_gc_tick);
             ffi::lua_setfield(L, -2, c"__gc".as_ptr());
             ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
-            arm_gc_tick(L);
-            t.arenas.ticking.set(true);
+            arm_gc_tick(L, t);
         }
         // The loading thread (usually the main one) gets its scope table now, so that its first
         // scope does not allocate one inside somebody's measurement.
@@ -844,9 +871,10 @@ pub unsafe fn push_core(L: *mut lua_State) {
 }
 
 /// `core.arenas()`: an array of the arenas not reclaimed, newest first, each a table with
-/// `name`, `live_bytes`, `live_blocks`, `blocks`, `reserved_bytes`, `running` (its scope has not
-/// ended), `age` (GC cycles since the scope ended, 0 while it runs) and `pinned` (age >= 2: a
-/// whole cycle began and ended after the scope did, and objects of the scope are still alive).
+/// `name`, `live_bytes`, `live_blocks`, `live_objects`, `blocks`, `reserved_bytes`, `running`
+/// (its scope has not ended), `age` (GC cycles since the scope ended, 0 while it runs) and
+/// `pinned` (age >= 2 and objects live: a whole cycle began and ended after the scope did, and
+/// objects the scope made are still alive).
 unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua. The list is copied first: building the tables may run the
     // collector, which frees blocks and reclaims arenas. A memory error while building leaks
@@ -856,17 +884,19 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
         let list = t.arenas.list();
         ffi::lua_createtable(L, list.len().min(1 << 20) as c_int, 0);
         for (i, a) in list.iter().enumerate() {
-            ffi::lua_createtable(L, 0, 8);
+            ffi::lua_createtable(L, 0, 9);
             push_str(L, &a.name);
             ffi::lua_setfield(L, -2, c"name".as_ptr());
             set_int(L, c"live_bytes", a.live_bytes as i64);
             set_int(L, c"live_blocks", a.live_blocks as i64);
+            set_int(L, c"live_objects", a.live_objects as i64);
             set_int(L, c"blocks", a.blocks as i64);
             set_int(L, c"reserved_bytes", a.reserved_bytes as i64);
             set_int(L, c"age", a.age.unwrap_or(0) as i64);
             ffi::lua_pushboolean(L, a.age.is_none() as c_int);
             ffi::lua_setfield(L, -2, c"running".as_ptr());
-            ffi::lua_pushboolean(L, a.age.is_some_and(|age| age >= 2) as c_int);
+            let pinned = a.age.is_some_and(|age| age >= 2) && a.live_objects > 0;
+            ffi::lua_pushboolean(L, pinned as c_int);
             ffi::lua_setfield(L, -2, c"pinned".as_ptr());
             ffi::lua_rawseti(L, -2, (i + 1) as _);
         }
@@ -930,7 +960,7 @@ const GC_TICK_MT: &CStr = c"lunet.mem.gc_tick";
 ///
 /// # Safety
 /// `L` valid with 2 free slots, the metatable registered. May raise (memory).
-unsafe fn arm_gc_tick(L: *mut lua_State) {
+unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
     // SAFETY: valid state.
     unsafe {
         ffi::lua_newuserdata(L, 0);
@@ -938,6 +968,7 @@ unsafe fn arm_gc_tick(L: *mut lua_State) {
         ffi::lua_setmetatable(L, -2);
         ffi::lua_pop(L, 1);
     }
+    t.arenas.ticking.set(true);
 }
 
 /// Finalizer of the GC cycle counter: a cycle ended (the counter was unreachable in it); counts
@@ -946,10 +977,13 @@ unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua as a finalizer.
     unsafe {
         if let Some(t) = state::tracker(L) {
+            t.arenas.gc_cycles.set(t.arenas.gc_cycles.get() + 1);
+            // Not armed until the new counter exists: if making it fails (out of memory), the
+            // next scope opened arms one.
+            t.arenas.ticking.set(false);
             if t.closing.get().is_null() {
-                t.arenas.gc_cycles.set(t.arenas.gc_cycles.get() + 1);
                 ffi::luaL_checkstack(L, 2, ptr::null());
-                arm_gc_tick(L);
+                arm_gc_tick(L, t);
             }
         }
     }
@@ -1145,7 +1179,8 @@ unsafe extern "C-unwind" fn l_measured_call(L: *mut lua_State) -> c_int {
 const YIELD_ERROR: &[u8] = b"attempt to yield across metamethod/C-call boundary";
 
 /// `core.make_scope(prepare, names)`: the C `mem.scope`, with the Lua function that checks the
-/// arguments of the general forms (`prepare(a, b)` returns `name, on_exit, arena, fn_index`) and the
+/// arguments of the general forms (`prepare(a, b)` returns `name, on_exit, arena, limit,
+/// fn_index`) and the
 /// weak table of default names by function.
 #[cfg(c_scope)]
 unsafe extern "C-unwind" fn l_make_scope(L: *mut lua_State) -> c_int {
@@ -1169,6 +1204,7 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
         let base = ffi::lua_gettop(L);
         ffi::luaL_checkstack(L, base + 8, c"too many arguments".as_ptr());
         let mut arena = None;
+        let mut guard = Guard::default();
         let quick = match (ffi::lua_type(L, 1), ffi::lua_type(L, 2)) {
             (ffi::LUA_TTABLE, ffi::LUA_TFUNCTION) => quick_options(L),
             _ => None,
@@ -1180,7 +1216,7 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
                 2
             }
             _ if quick.is_some() => {
-                arena = quick.expect("checked");
+                (arena, guard.limit) = quick.expect("checked");
                 2
             }
             (first, _) => {
@@ -1204,15 +1240,16 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
                             ffi::lua_pushnil(L);
                         }
                     }
-                    ffi::lua_call(L, 2, 4);
+                    ffi::lua_call(L, 2, 5);
                     let at = ffi::lua_tointeger(L, -1) as c_int;
-                    arena = arena_option(L, -2);
-                    ffi::lua_pop(L, 2);
+                    guard.limit = count_option(L, -2);
+                    arena = arena_option(L, -3);
+                    ffi::lua_pop(L, 3);
                     at
                 }
             }
         };
-        let token = open_scope(L, t, base + 1, arena);
+        let token = open_scope(L, t, base + 1, arena, guard);
         ffi::lua_pushlightuserdata(L, token as *mut c_void);
         for i in fn_at..=base {
             ffi::lua_pushvalue(L, i);
@@ -1234,14 +1271,16 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
 }
 
 /// The fast path of `l_scope` for `mem.scope(opts, fn, ...)`: when every field of `opts` is one
-/// mem.lua's check accepts at sight (`name` a string, `on_exit` a function, `arena` a boolean)
-/// and the name is known, pushes the name and `on_exit` (or nil) and returns the arena option.
+/// mem.lua's check accepts at sight (`name` a string, `on_exit` a function, `arena` a boolean,
+/// `limit` an integer from 0 to 2^53)
+/// and the name is known, pushes the name and `on_exit` (or nil) and returns the arena and
+/// limit options.
 /// Otherwise pushes nothing and returns `None`: the Lua `prepare` checks (and raises).
 ///
 /// # Safety
 /// Called from `l_scope` with `opts` at 1, `fn` at 2, and 4 free slots.
 #[cfg(c_scope)]
-unsafe fn quick_options(L: *mut lua_State) -> Option<Option<usize>> {
+unsafe fn quick_options(L: *mut lua_State) -> Option<(Option<usize>, Option<u64>)> {
     // SAFETY: valid state; only string keys are read as strings; the stack is balanced on
     // every return.
     unsafe {
@@ -1249,7 +1288,7 @@ unsafe fn quick_options(L: *mut lua_State) -> Option<Option<usize>> {
             ffi::lua_pop(L, 1); // __index or __pairs could change what mem.lua would see
             return None;
         }
-        let (mut has_name, mut has_on_exit, mut arena) = (false, false, None);
+        let (mut has_name, mut has_on_exit, mut arena, mut limit) = (false, false, None, None);
         let top = ffi::lua_gettop(L);
         ffi::lua_pushnil(L);
         while ffi::lua_next(L, 1) != 0 {
@@ -1266,6 +1305,14 @@ unsafe fn quick_options(L: *mut lua_State) -> Option<Option<usize>> {
                 (b"on_exit", ffi::LUA_TFUNCTION) => has_on_exit = true,
                 (b"arena", ffi::LUA_TBOOLEAN) => {
                     arena = (ffi::lua_toboolean(L, -1) != 0).then_some(arena::DEFAULT_CHUNK)
+                }
+                (b"limit", ffi::LUA_TNUMBER) => {
+                    let n = ffi::lua_tonumber(L, -1);
+                    if !(0.0..=MAX_EXACT).contains(&n) || n.fract() != 0.0 {
+                        ffi::lua_settop(L, top);
+                        return None;
+                    }
+                    limit = Some(n as u64);
                 }
                 _ => {
                     ffi::lua_settop(L, top);
@@ -1289,9 +1336,13 @@ unsafe fn quick_options(L: *mut lua_State) -> Option<Option<usize>> {
         } else {
             ffi::lua_pushnil(L);
         }
-        Some(arena)
+        Some((arena, limit))
     }
 }
+
+/// The largest integer mem.lua accepts for byte counts (2^53, exact in a double).
+#[cfg(c_scope)]
+const MAX_EXACT: f64 = 9007199254740992.0;
 
 /// Continuation of `l_scope` after `fn` yielded (5.3+).
 #[cfg(all(c_scope, not(feature = "lua51")))]

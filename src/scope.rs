@@ -34,6 +34,24 @@ pub struct Scope {
     /// (`Arena::add_user`), so the arena lives as long as the scope.
     arena: *mut Arena,
     owns_arena: bool,
+    /// The scope's memory budget: an allocation that would take `net_bytes` past it fails
+    /// (`i64::MAX`: none).
+    limit: i64,
+    /// Allocations the scope still admits before every next one fails (`u64::MAX`: no such
+    /// countdown; `mem.fail_after`).
+    allowance: Cell<u64>,
+    /// Whether this scope or one it was opened in has a limit or an allowance: the hook checks
+    /// budgets only then.
+    guarded: bool,
+}
+
+/// What a scope bounds, if anything.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Guard {
+    /// Budget of `net_bytes`.
+    pub limit: Option<u64>,
+    /// Allocations admitted before every next one fails.
+    pub allowance: Option<u64>,
 }
 
 impl Scope {
@@ -44,8 +62,38 @@ impl Scope {
         parent: Option<Rc<Scope>>,
         arena: Option<usize>,
         arenas: &ArenaSet,
+    ) -> Rc<Scope> {
+        Scope::guarded(name, parent, arena, arenas, Guard::default())
+    }
+
+    /// A scope as [`Scope::new`] makes, bounded by `guard`.
+    pub fn guarded(
+        name: Rc<str>,
+        parent: Option<Rc<Scope>>,
+        arena: Option<usize>,
+        arenas: &ArenaSet,
+        guard: Guard,
+    ) -> Rc<Scope> {
+        let scope = Rc::new(Scope::make(name, parent, arena, arenas, guard));
+        if scope.owns_arena {
+            // SAFETY: the scope is a user of its arena. The pointer is cleared when the scope
+            // closes (`Arena::end`), which it does at the latest when it is dropped.
+            unsafe { (*scope.arena).owner.set(Rc::as_ptr(&scope)) };
+        }
+        scope
+    }
+
+    fn make(
+        name: Rc<str>,
+        parent: Option<Rc<Scope>>,
+        arena: Option<usize>,
+        arenas: &ArenaSet,
+        guard: Guard,
     ) -> Scope {
         let parent_ptr = parent.as_ref().map_or(ptr::null(), Rc::as_ptr);
+        let guarded = guard.limit.is_some()
+            || guard.allowance.is_some()
+            || parent.as_ref().is_some_and(|p| p.guarded);
         let (arena, owns_arena) = match (arena, &parent) {
             (Some(first_chunk), _) => (arenas.open(name.clone(), first_chunk), true),
             (None, Some(p)) if !p.arena.is_null() => {
@@ -69,6 +117,43 @@ impl Scope {
             parent_ptr,
             arena,
             owns_arena,
+            limit: guard
+                .limit
+                .map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64),
+            allowance: Cell::new(guard.allowance.unwrap_or(u64::MAX)),
+            guarded,
+        }
+    }
+
+    /// Whether an allocation that adds `delta` bytes may happen while `self` is active: within
+    /// the limit of this scope and of each open scope it was opened in (the tightest wins), and
+    /// within their allowances, which it then uses up by one.
+    #[inline(always)]
+    pub fn admits(&self, delta: usize) -> bool {
+        !self.guarded || self.admits_slow(delta as i64)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn admits_slow(&self, delta: i64) -> bool {
+        let ok = Cell::new(true);
+        // SAFETY: `self` is live, so its ancestors are.
+        unsafe {
+            Scope::walk(self, |s| {
+                if s.net_bytes.get().saturating_add(delta) > s.limit || s.allowance.get() == 0 {
+                    ok.set(false);
+                }
+            });
+            let ok = ok.get();
+            if ok {
+                Scope::walk(self, |s| {
+                    let left = s.allowance.get();
+                    if left != u64::MAX {
+                        s.allowance.set(left - 1);
+                    }
+                });
+            }
+            ok
         }
     }
 

@@ -135,6 +135,29 @@ fn check(p: *mut c_void, size: usize, fill: u8) {
     }
 }
 
+/// The scope a free counts for: for an arena block, the active scope if it places its blocks
+/// in that arena, else the arena's scope if open; for another block, the active scope unless
+/// it places its blocks in an arena.
+fn free_attribution(
+    scopes: &[ModelScope],
+    active: Option<usize>,
+    arena: Option<String>,
+) -> Option<usize> {
+    let active_arena = active.and_then(|a| scopes[a].arena_scope);
+    match arena {
+        Some(name) => {
+            let owner: usize = name[1..].parse().expect("arena names are s<index>");
+            if active_arena == Some(owner) {
+                active
+            } else {
+                Some(owner).filter(|&o| !scopes[o].closed)
+            }
+        }
+        None if active_arena.is_none() => active,
+        None => None,
+    }
+}
+
 /// The name of the arena that holds `p`, if any.
 fn arena_name(p: *mut c_void) -> Option<String> {
     // SAFETY: a live block.
@@ -199,7 +222,7 @@ fn run(ops: Vec<Op>, serve: Serve) {
                 let p = unsafe { tracking_alloc(ud, ptr::null_mut(), tag, size) };
                 let expected = active
                     .and_then(|a| scopes[a].arena_scope)
-                    .filter(|_| (tag != 0 || !cfg!(type_tags)) && size <= MAX_BLOCK)
+                    .filter(|_| size <= MAX_BLOCK)
                     .map(|a| scopes[a].real.name.to_string());
                 // A block placed in an arena never reaches the host (which would fail it).
                 if failing && expected.is_none() {
@@ -256,13 +279,14 @@ fn run(ops: Vec<Op>, serve: Serve) {
             Op::Free { pick } if !blocks.is_empty() => {
                 let (p, old, f) = blocks.swap_remove(pick % blocks.len());
                 check(p, old, f);
+                let to = free_attribution(&scopes, active, arena_name(p));
                 // SAFETY: `p` is a live block of `old` bytes.
                 assert!(unsafe { tracking_alloc(ud, p, old, 0) }.is_null());
                 host.fail_next.set(false); // frees never fail
                 live -= old as u64;
                 totals.frees += 1;
                 totals.freed += old as u64;
-                attribute(&mut scopes, active, |c| {
+                attribute(&mut scopes, to, |c| {
                     c.frees += 1;
                     c.freed += old as u64;
                     c.net -= old as i64;
@@ -275,12 +299,12 @@ fn run(ops: Vec<Op>, serve: Serve) {
                     Op::OpenArenaScope { chunk } => Some(chunk),
                     _ => None,
                 };
-                let real = Rc::new(Scope::new(
+                let real = Scope::new(
                     format!("s{}", scopes.len()).into(),
                     tracker.active_scope(),
                     chunk,
                     &tracker.arenas,
-                ));
+                );
                 tracker.set_active_scope(Some(real.clone()));
                 let arena_scope = match chunk {
                     Some(_) => Some(scopes.len()),

@@ -70,6 +70,7 @@ local KINDS = {
     if not is_callable(v) then return "function" end
   end,
   collect = of_type("boolean"),
+  limit = integer_in(0, 2 ^ 53),
   -- true, false, or { chunk_size = bytes }
   arena = function(v)
     if v == true or v == false then return nil end
@@ -254,6 +255,23 @@ end
 local NEUTRAL_OPTS = { tolerance = true, warmup = true, runs = true, name = true }
 local DEFAULT_WARMUP, DEFAULT_RUNS = 2, 5
 
+-- Once a leak is found: runs `fn` once more between two walks of the heap by
+-- lunet.mem.holders (loaded only then, and optional) and returns its lines, what that run left
+-- alive and what holds it, each line after a newline. The verdict is made before, so the walks
+-- (which allocate) cannot change it.
+local function who_holds(fn)
+  local found, holders = pcall(require, "lunet.mem.holders")
+  if not found or type(holders) ~= "table" then return "" end
+  local walk_opts = { roots = { { fn, "the checked function" } } }
+  local ok, lines = pcall(function()
+    local before = holders.snapshot(walk_opts)
+    fn()
+    return holders.explain(before, walk_opts)
+  end)
+  if not ok then return "\n  (could not tell what holds it: " .. tostring(lines) .. ")" end
+  return "\n" .. concat(lines, "\n")
+end
+
 -- Runs `fn` `warmup` times, then `runs` times with memory settled around each run, and
 -- judges the per-run growth. A leak is growth in every run (as CPython's `regrtest -R`; with 4
 -- runs or more, in all runs but one), or, with 4 runs or more, growth in both halves of the runs,
@@ -313,7 +331,7 @@ local function judge(fn, opts, fname, level)
     per_run_blocks >= 0 and "+" or "", fmt(per_run_blocks), plural(per_run_blocks, "block"),
     concat(bytes, " "), concat(blocks, " "),
     every and "" or " [grows over the runs]")
-  return false, report
+  return false, report .. who_holds(fn)
 end
 
 -- On LuaJIT the check runs with the JIT compiler off and its traces flushed, and the compiler's
@@ -357,7 +375,7 @@ end
 
 -- Scopes ----------------------------------------------------------------------------------------
 
-local SCOPE_OPTS = { name = true, on_exit = true, arena = true }
+local SCOPE_OPTS = { name = true, on_exit = true, arena = true, limit = true }
 local YIELD_ERROR = "attempt to yield across metamethod/C-call boundary"
 
 -- Default scope names, computed once per function.
@@ -403,7 +421,8 @@ local function scope_named(a, fn, ...)
   if not is_callable(fn) then
     argerror(2, "scope", "function expected, got " .. typename(fn), 3)
   end
-  return finish(open(a.name or default_name(fn), arena_arg(a.arena)), a.on_exit, pcall(fn, ...))
+  return finish(open(a.name or default_name(fn), arena_arg(a.arena), a.limit), a.on_exit,
+    pcall(fn, ...))
 end
 
 function M.scope(a, ...)
@@ -426,19 +445,41 @@ local function prepare(a, b)
     if not is_callable(b) then
       argerror(2, "scope", "function expected, got " .. typename(b), 3)
     end
-    return a, nil, nil, 2
+    return a, nil, nil, nil, 2
   elseif ta == "table" and not is_callable(a) then
     check_opts(a, 1, "scope", SCOPE_OPTS, 3)
     if not is_callable(b) then
       argerror(2, "scope", "function expected, got " .. typename(b), 3)
     end
-    return a.name or default_name(b), a.on_exit, arena_arg(a.arena), 2
+    return a.name or default_name(b), a.on_exit, arena_arg(a.arena), a.limit, 2
   elseif is_callable(a) then
-    return default_name(a), nil, nil, 1
+    return default_name(a), nil, nil, nil, 1
   end
   argerror(1, "scope", "function expected, got " .. typename(a), 3)
 end
 if core.make_scope then M.scope = core.make_scope(prepare, names) end
+
+-- Failure injection (Lua's testes/memerr.lua style) ---------------------------------------------
+
+local function fail_finish(token, ...)
+  close(token, false)
+  return ...
+end
+
+-- Runs fn(...) in protected mode with the first `n` allocations admitted and every later one
+-- failing (a limit, not a single failure: Lua 5.4 retries a failed allocation after an emergency
+-- collection); returns pcall's results. Normal allocation is back when it returns.
+function M.fail_after(n, fn, ...)
+  local expected = integer_in(0, 2 ^ 53)(n)
+  if expected then
+    argerror(1, "fail_after", expected .. " expected, got " ..
+      (type(n) == "number" and tostring(n) or typename(n)), 2)
+  end
+  if not is_callable(fn) then
+    argerror(2, "fail_after", "function expected, got " .. typename(fn), 2)
+  end
+  return fail_finish(open("fail_after", nil, nil, n), pcall(fn, ...))
+end
 
 local SCOPE_METHODS = { stats = core.scope_stats }
 local scope_mt = object_class(core.scope_mt, core.scope_name, SCOPE_METHODS)
