@@ -160,6 +160,17 @@ describe("leak reports: who holds it", function()
     has_not(report, "table grew by 1 entry\n    held by: upvalue 'weak") -- weak tables do not count
   end)
 
+  it("shows a userdata key on the path", function()
+    local file = io.tmpfile()
+    local by_file = { [file] = {} }
+    local report = leak_report(function()
+      local list = by_file[file]
+      list[#list + 1] = {}
+    end)
+    file:close()
+    assert.matches("held by: field %[%d+%] of field %[userdata%] of [a-z]+ 'by_file'", report)
+  end)
+
   it("adds nothing for a handler that leaks nothing", function()
     local cache = {}
     assert.is_true(mem.is_neutral(function()
@@ -185,6 +196,24 @@ describe("holders.snapshot() / holders.explain()", function()
     local lines = holders.explain(before)
     assert.are.equal(1, #lines)
     assert.matches("no new object is reachable", lines[1])
+  end))
+
+  it("follow weak-keyed tables as the collector does (ephemerons on 5.2+)", helpers.without_jit(function()
+    local cache = setmetatable({}, { __mode = "k" })
+    local function plant()
+      local key = {}
+      cache[key] = { key } -- a cycle through the weak key
+    end
+    local before = holders.snapshot()
+    plant()
+    local report = "\n" .. table.concat(holders.explain(before), "\n")
+    if _VERSION == "Lua 5.1" then
+      -- 5.1 and LuaJIT hold the value strongly, and the value holds the key: a real leak.
+      -- (a table's site is that of the function that holds it: this one, by `cache`)
+      has(report, "\n  table (" .. site(debug.getinfo(1, "f").func) .. "), 2 objects\n")
+    else
+      has(report, "no new object is reachable")
+    end
   end))
 
   it("keep nothing alive", function()

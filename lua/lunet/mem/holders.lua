@@ -62,6 +62,7 @@ end
 local function site_of(f)
   local info = getinfo(f, "S")
   if info.what == "C" then return "[C]" end
+  if info.what == "main" then return "main chunk of " .. info.short_src end
   return info.short_src .. ":" .. info.linedefined
 end
 
@@ -313,7 +314,7 @@ local function object_text(w, v, name)
       local key = w.key[v]
       if w.how[v] ~= "frame" and is_name(key) then name = key end
     end
-    if getinfo(v, "S").what == "main" then return "main chunk (" .. getinfo(v, "S").short_src .. ")" end
+    if getinfo(v, "S").what == "main" then return site_of(v) end
     return "function " .. (name and name .. " " or "") .. "(" .. site_of(v) .. ")"
   elseif t == "thread" then
     if w.root_name[v] then return w.root_name[v] end
