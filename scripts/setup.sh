@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(luajit libluajit-5.1-dev lua5.1 liblua5.1-0-dev lua5.3 liblua5.3-dev lua5.4 liblua5.4-dev
-      lua-busted luarocks lua-check pkg-config gcc make valgrind libuv1-dev)
+      lua-busted luarocks lua-check pkg-config gcc make valgrind libuv1-dev lua-luv wrk)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

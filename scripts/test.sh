@@ -3,9 +3,9 @@
 #   bash scripts/test.sh
 # Installs what it needs (scripts/setup.sh), then runs: cargo fmt, clippy for every Lua
 # feature, luacheck, the Rust tests on mlua's vendored LuaJIT and Lua 5.4, `luarocks make` and
-# the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and the examples on each, the C API's
-# proof (scripts/c-tests.sh: plain, ASan, valgrind, misuse) and the Lua 5.4 specs under
-# valgrind. Ends with one line: "N passed, N failed", counting every test of every suite.
+# the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and the examples, a 10^5-request soak
+# and lua_close with live arenas on each, the C API's proof (scripts/c-tests.sh: plain, ASan,
+# valgrind, misuse) and the Lua 5.4 specs and lua_close under valgrind. Ends with one line: "N passed, N failed", counting every test of every suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -60,7 +60,7 @@ for f in "${features[@]}"; do
 done
 check "cargo clippy (lua54,vendored, tests)" cargo clippy --locked --no-default-features \
   --features lua54,vendored --all-targets --target-dir target/vendored-lua54 -- -D warnings
-check "luacheck" luacheck --no-color src/lua lua spec examples bench
+check "luacheck" luacheck --no-color src/lua lua spec examples bench tests
 
 echo "== rust tests (mlua's vendored Lua), with each allocator"
 for f in lua54 luajit; do
@@ -96,6 +96,8 @@ for lua in "${interpreters[@]}"; do
   done
   check "demo ($lua)" bash -c "$env_line; $lua examples/demo.lua | tee /dev/stderr | grep -q 'leak in \"GET /leaky\"'"
   check "quick example ($lua)" bash -c "$env_line; $lua examples/quick.lua | tee /dev/stderr | grep -q 'leak in \"GET /users\"'"
+  check "soak: 10^5 arena-scoped requests, memory flat ($lua)" bash -c "$env_line; $lua bench/soak.lua 100000"
+  check "lua_close with live arenas, scopes, budgets ($lua)" bash -c "$env_line; $lua tests/lua/close_with_arenas.lua | grep -qx ok"
 done
 
 echo "== the C API (tests/c): plain, ASan + LSan, valgrind, misuse; the Lua specs under valgrind"
@@ -107,6 +109,9 @@ check "busted (lua5.4) under valgrind" bash -c "$env_line; export LUNET_MEM_LUA=
   valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
     lua5.4 /usr/bin/busted -o TAP >/tmp/lunet-mem-valgrind.log 2>&1 || { tail -40 /tmp/lunet-mem-valgrind.log; exit 1; }
   ! grep -q '^not ok' /tmp/lunet-mem-valgrind.log"
+check "lua_close with live arenas under valgrind (lua5.4)" bash -c "$env_line
+  valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
+    lua5.4 tests/lua/close_with_arenas.lua"
 
 rm -rf "$log_dir"
 echo

@@ -983,7 +983,12 @@ unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
             t.arenas.ticking.set(false);
             if t.closing.get().is_null() {
                 ffi::luaL_checkstack(L, 2, ptr::null());
+                // The new counter is nobody's: not counted for (nor placed in the arena of) the
+                // scope that happens to be active during the collection.
+                let active = t.active_scope();
+                t.set_active_scope(None);
                 arm_gc_tick(L, t);
+                t.set_active_scope(active);
             }
         }
     }
