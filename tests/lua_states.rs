@@ -97,10 +97,12 @@ proptest! {
     }
 }
 
-/// A deterministic workload; returns the numbers that must not depend on other states.
-fn workload() -> (i64, i64, i64) {
+/// A deterministic workload, with an arena per request or not; returns the numbers that must
+/// not depend on other states (the arenas' chunks come from one range for the whole process).
+fn workload(arena: bool) -> (i64, i64, i64) {
     let lua = new_lua();
     lua.load(PRELUDE).exec().unwrap();
+    lua.globals().set("ARENA", arena).unwrap();
     lua.load(
         r#"
         -- LuaJIT: what the trace recorder allocates counts for the scope active while it runs
@@ -108,18 +110,22 @@ fn workload() -> (i64, i64, i64) {
         collectgarbage("stop")
         local totals = { allocs = 0, net = 0 }
         for r = 1, 200 do
-          mem.scope({ name = "req", on_exit = function(s)
+          mem.scope({ name = "req", arena = ARENA, on_exit = function(s)
             totals.allocs = totals.allocs + s.allocs
             totals.net = totals.net + s.net_bytes
           end }, function()
             local rows = {}
             for i = 1, 30 do rows[i] = { id = i, name = "n" .. i } end
+            assert(mem.arena_of(rows) == (ARENA and "req" or nil))
             return rows
           end)
           exact("round " .. r)
           if r % 50 == 0 then collectgarbage("collect") collectgarbage("stop") end
         end
         collectgarbage("restart")
+        collectgarbage("collect")
+        collectgarbage("collect")
+        assert(mem.stats().arenas == 0, "every arena reclaimed")
         result = totals
         "#,
     )
@@ -137,11 +143,14 @@ fn workload() -> (i64, i64, i64) {
 
 #[test]
 fn several_states_in_several_threads_count_on_their_own() {
-    let alone = workload();
-    assert_eq!(alone.2, 1);
-    let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(workload)).collect();
+    let alone = [workload(false), workload(true)];
+    assert_eq!((alone[0].2, alone[1].2), (1, 1));
+    let threads: Vec<_> = (0..8)
+        .map(|i| std::thread::spawn(move || (i % 2, workload(i % 2 == 1))))
+        .collect();
     for t in threads {
-        assert_eq!(t.join().unwrap(), alone);
+        let (arena, result) = t.join().unwrap();
+        assert_eq!(result, alone[arena]);
     }
 }
 
@@ -276,6 +285,19 @@ fn lua_close_with_live_scopes_gives_every_block_back_to_the_host() {
               end)
               coroutine.resume(co)
               held[i] = co
+            end
+            for i = 1, 20 do
+              local co = coroutine.create(function()
+                mem.scope({ name = "pending arena " .. i, arena = true, limit = 1e6 }, function()
+                  local t = { i }
+                  coroutine.yield(t)
+                end)
+              end)
+              coroutine.resume(co)
+              held[#held + 1] = co
+            end
+            for i = 1, 50 do
+              mem.scope({ name = "pinned", arena = true }, function() held[#held + 1] = { i } end)
             end
             current = mem.scope(mem.current)
             setmetatable(held, { __gc = function() pcall(mem.stats) pcall(mem.checkpoint) end })
