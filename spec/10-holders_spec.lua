@@ -190,6 +190,43 @@ describe("leak reports: who holds it", function()
   end)
 end)
 
+describe("checkpoints with holders", function()
+  it("say what holds what was made since mem.checkpoint{holders = true}", helpers.without_jit(function()
+    local handler = make_handler()
+    local cp = mem.checkpoint { name = "since start", holders = true }
+    for i = 1, 3 do handler({ id = i }) end
+    local ok, report = cp:is_neutral()
+    assert.is_false(ok)
+    has(report, 'leak since "since start"')
+    has(report, "upvalue 'seen' of function")
+    local err = helpers.raises("held by:", cp.assert_neutral, cp)
+    has(err, "upvalue 'seen'")
+  end))
+
+  it("add nothing when nothing leaked", helpers.without_jit(function()
+    -- (the garbage is made in a function of its own: a stale slot of this frame would hold it)
+    local function churn()
+      local t = { 1, 2, 3 }
+      return #t
+    end
+    local function scenario()
+      local cp = mem.checkpoint { holders = true }
+      churn()
+      return cp:is_neutral()
+    end
+    assert.is_true((scenario()))
+  end))
+
+  it("add nothing without the option", helpers.without_jit(function()
+    local handler = make_handler()
+    local cp = mem.checkpoint()
+    handler({ id = 1 })
+    local ok, report = cp:is_neutral()
+    assert.is_false(ok)
+    has_not(report, "held by:")
+  end))
+end)
+
 describe("holders.snapshot() / holders.explain()", function()
   it("report nothing when nothing new is alive", helpers.without_jit(function()
     local before = holders.snapshot()

@@ -411,6 +411,36 @@ unsafe extern "C-unwind" fn l_cp_name(L: *mut lua_State) -> c_int {
     1
 }
 
+/// `core.cp_attach(cp, t)`: keeps the table `t` with the checkpoint (its user value; setting it
+/// allocates nothing, so it can follow the checkpoint's reading). mem.lua keeps the heap
+/// snapshot of `mem.checkpoint{holders = true}` there.
+unsafe extern "C-unwind" fn l_cp_attach(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; only this module's checkpoints and tables are accepted.
+    unsafe {
+        if to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).is_some()
+            && ffi::lua_type(L, 2) == ffi::LUA_TTABLE
+        {
+            ffi::lua_settop(L, 2);
+            ffi::lua_setuservalue(L, 1);
+        }
+    }
+    0
+}
+
+/// `core.cp_attached(cp)`: what `cp_attach` kept (on 5.1 and LuaJIT, a userdata's environment,
+/// the globals when nothing was kept).
+unsafe extern "C-unwind" fn l_cp_attached(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        if to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).is_some() {
+            ffi::lua_getuservalue(L, 1);
+        } else {
+            ffi::lua_pushnil(L);
+        }
+    }
+    1
+}
+
 /// `core.is_checkpoint(v)`.
 unsafe extern "C-unwind" fn l_is_checkpoint(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
@@ -816,7 +846,9 @@ pub unsafe fn push_core(L: *mut lua_State) {
         let saved = ffi::lua_gettop(L);
 
         ffi::lua_createtable(L, 0, 24);
-        let functions: [(&CStr, ffi::lua_CFunction); 23] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 25] = [
+            (c"cp_attach", l_cp_attach),
+            (c"cp_attached", l_cp_attached),
             (c"arenas", l_arenas),
             (c"arena_of", l_arena_of),
             (c"arena_pause", l_arena_pause),

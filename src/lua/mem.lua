@@ -70,6 +70,7 @@ local KINDS = {
     if not is_callable(v) then return "function" end
   end,
   collect = of_type("boolean"),
+  holders = of_type("boolean"),
   limit = integer_in(0, 2 ^ 53),
   -- true, false, or { chunk_size = bytes }
   arena = function(v)
@@ -176,7 +177,7 @@ end
 
 -- Checkpoints -----------------------------------------------------------------------------------
 
-local CP_NEW_OPTS = { name = true, collect = true }
+local CP_NEW_OPTS = { name = true, collect = true, holders = true }
 local CP_OPTS = { tolerance = true, name = true }
 
 -- mem.checkpoint, cp:is_neutral and cp:assert_neutral are made by `core.measured`: they check
@@ -184,17 +185,49 @@ local CP_OPTS = { tolerance = true, name = true }
 -- checkpoint and its check compare like with like (live memory includes the thread's stack).
 local measured = core.measured
 
+-- `mem.checkpoint{holders = true}` walks the heap (lunet.mem.holders) before its reading, so that
+-- the snapshot is memory of before the checkpoint; the snapshot is kept with the checkpoint and
+-- a leak report of `cp:is_neutral` says what holds the objects made since.
+local pending_snapshot
+
+local function heap_snapshot()
+  local found, holders = pcall(require, "lunet.mem.holders")
+  if not found or type(holders) ~= "table" then return nil end
+  local kept = { holders = holders }
+  local snapshot = holders.snapshot()
+  -- (what the checkpoint keeps is not new when its report walks the heap again)
+  snapshot[kept], snapshot[snapshot] = true, true
+  kept.snapshot = snapshot
+  return kept
+end
+
 M.checkpoint = measured(function(arg)
   if type(arg) == "table" then
     check_opts(arg, 1, "checkpoint", CP_NEW_OPTS, 3)
+    pending_snapshot = arg.holders and heap_snapshot() or nil
     return arg.collect ~= false
   elseif arg ~= nil and type(arg) ~= "string" then
     argerror(1, "checkpoint", "string or table expected, got " .. typename(arg), 3)
   end
+  pending_snapshot = nil
   return true
 end, settle, function(arg)
-  return core.checkpoint(type(arg) == "table" and arg.name or arg)
+  local cp = core.checkpoint(type(arg) == "table" and arg.name or arg)
+  if pending_snapshot then
+    core.cp_attach(cp, pending_snapshot)
+    pending_snapshot = nil
+  end
+  return cp
 end)
+
+-- The lines saying what holds the objects made since the checkpoint, if it kept a snapshot.
+local function cp_holders(cp)
+  local kept = core.cp_attached(cp)
+  if type(kept) ~= "table" or rawget(kept, "snapshot") == nil then return "" end
+  local ok, lines = pcall(kept.holders.explain, kept.snapshot)
+  if not ok then return "\n  (could not tell what holds it: " .. tostring(lines) .. ")" end
+  return "\n" .. concat(lines, "\n")
+end
 
 -- The verdict of a checkpoint method, after `settle()`. Both methods and `mem.checkpoint` call
 -- `settle()` from their own frame: live memory includes the running thread's call frames, so the
@@ -211,7 +244,7 @@ local function cp_verdict(cp, opts, fname)
   if bytes <= tolerance or blocks <= 0 then return true end
   local name = opts and opts.name or core.cp_name(cp) or "checkpoint"
   return false, format('leak since "%s": +%d bytes, %+d %s (tolerance %d)',
-    name, bytes, blocks, plural(blocks, "block"), tolerance)
+    name, bytes, blocks, plural(blocks, "block"), tolerance) .. cp_holders(cp)
 end
 
 local function cp_args(fname)
