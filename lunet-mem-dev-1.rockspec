@@ -27,6 +27,10 @@ build = {
       lua = {
          ["lunet.mem.busted"] = "lua/lunet/mem/busted.lua",
          ["lunet.mem.holders"] = "lua/lunet/mem/holders.lua",
+         ["lunet.mem.run"] = "lua/lunet/mem/run.lua",
+      },
+      bin = {
+         ["lunet-mem"] = "bin/lunet-mem",
       },
    },
 }

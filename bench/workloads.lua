@@ -6,8 +6,16 @@
 -- Prints the CPU seconds the workload took (start-up and loading excluded) and the process's
 -- peak resident set in KiB (VmHWM).
 local workload, mode, n = arg[1], arg[2], tonumber(arg[3])
+--             | trace (module, mem.trace.start()) | trace-sampled (mem.trace.start{sample_bytes =
+--             $LUNET_MEM_SAMPLE_BYTES or 524288}) | interp (bare, LuaJIT's compiler off)
 local mem
-if mode ~= "bare" then mem = require "lunet.mem" end
+if mode ~= "bare" and mode ~= "interp" then mem = require "lunet.mem" end
+if mode == "interp" and rawget(_G, "jit") then jit.off() end
+if mode == "trace" then
+  mem.trace.start()
+elseif mode == "trace-sampled" then
+  mem.trace.start({ sample_bytes = tonumber(os.getenv("LUNET_MEM_SAMPLE_BYTES") or "524288") })
+end
 
 local work = {}
 

@@ -81,6 +81,8 @@ pub struct Tracker {
     active: Cell<*const Scope>,
     /// Keeps the active scope alive (the Lua objects that own scopes may be collected first).
     active_owner: Cell<Option<Rc<Scope>>>,
+    /// Allocation tracing (`mem.trace`, see `crate::trace`): off unless started.
+    pub trace: crate::trace::Trace,
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
     pub arenas: ArenaSet,
@@ -107,6 +109,7 @@ impl Tracker {
             closing: Cell::new(ptr::null_mut()),
             active: Cell::new(ptr::null()),
             active_owner: Cell::new(None),
+            trace: Default::default(),
             arenas: ArenaSet::default(),
         }
     }
@@ -455,6 +458,27 @@ unsafe fn hook<const MIMALLOC: bool>(
 ) -> *mut c_void {
     // SAFETY: the caller guarantees `ud` is a live Tracker.
     let tracker = unsafe { &*(ud as *const Tracker) };
+    // Tracing costs the untraced hook this one test (the traced path is out of line).
+    if tracker.trace.on.get() {
+        // SAFETY: forwarded contract.
+        return unsafe { crate::trace::traced::<MIMALLOC>(tracker, ud, block, osize, nsize) };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { counted::<MIMALLOC>(tracker, ud, block, osize, nsize) }
+}
+
+/// The hook's work without tracing: serve the call, then count what succeeded (see [`hook`]).
+///
+/// # Safety
+/// As for [`hook`], with `tracker` the live tracker at `ud`.
+#[inline(always)]
+pub(crate) unsafe fn counted<const MIMALLOC: bool>(
+    tracker: &Tracker,
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
     if block.is_null() {
         if nsize == 0 || !tracker.admits(nsize) {
             return ptr::null_mut();

@@ -7,6 +7,7 @@ pub mod hook;
 pub mod lua_api;
 pub mod scope;
 pub mod state;
+pub mod trace;
 
 use std::ffi::c_int;
 

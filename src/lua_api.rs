@@ -761,6 +761,7 @@ pub unsafe fn enter(L: *mut lua_State, t: &Tracker, idx: c_int) -> bool {
         if co.is_null() || !is_resumable(L, co) {
             return false;
         }
+        t.trace.set_running(co); // (mem.trace reads the stack of the running thread)
         if let Some(ts) = thread_scopes(L, idx, false) {
             ts.base = t.active_scope();
             if let Some(top) = ts.stack.last() {
@@ -778,6 +779,7 @@ pub unsafe fn enter(L: *mut lua_State, t: &Tracker, idx: c_int) -> bool {
 pub unsafe fn leave(L: *mut lua_State, t: &Tracker, idx: c_int) {
     // SAFETY: valid state; `thread_scopes` without `create` does not raise.
     unsafe {
+        t.trace.set_running(L); // the resumer runs again
         if let Some(ts) = thread_scopes(L, idx, false) {
             t.set_active_scope(ts.base.clone());
         }
@@ -882,6 +884,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
             ffi::lua_pushcfunction(L, l_make_scope);
             ffi::lua_setfield(L, -2, c"make_scope".as_ptr());
         }
+        crate::trace::push_functions(L); // core.trace_* (src/trace.rs)
         ffi::lua_pushvalue(L, saved);
         ffi::lua_setfield(L, -2, c"saved".as_ptr());
         ffi::lua_remove(L, saved);

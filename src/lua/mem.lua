@@ -525,8 +525,10 @@ end
 -- Arenas take no block from the start of a trace until it stops or aborts.
 if jit and jit.attach and not core.saved.trace_events then
   local arena_pause = core.arena_pause
+  local trace_jit = core.trace_jit
   core.saved.trace_events = function(what)
     arena_pause(what == "start")
+    trace_jit(what) -- mem.trace: compiled code may run from the first trace on
   end
   jit.attach(core.saved.trace_events, "trace")
 end
@@ -559,6 +561,135 @@ if not saved.resume then
       return wrap_results(co, leave(enter(co), resume(co, ...)))
     end
   end
+end
+
+-- Allocation tracing (mem.trace; src/trace.rs) -------------------------------------------------
+
+do
+  local TRACE_OPTS = { sample_bytes = true, depth = true }
+  KINDS.sample_bytes = integer_in(1, 2 ^ 40)
+  KINDS.depth = integer_in(1, 64)
+  local KEYS = { line = true, ["function"] = true, traceback = true }
+  local is_snapshot = core.trace_is_snapshot
+  local jit_was_on = nil
+
+  local function snapname(v)
+    if is_snapshot(v) then return "snapshot" end
+    return typename(v)
+  end
+  local function check_snap(s, fname)
+    if not is_snapshot(s) then
+      argerror(1, fname, "snapshot expected, got " .. snapname(s), 3)
+    end
+  end
+  local function check_key(key, n, fname)
+    if key ~= nil and not KEYS[key] then
+      argerror(n, fname, "'line', 'function' or 'traceback' expected, got " ..
+        (type(key) == "string" and format("'%s'", key) or snapname(key)), 3)
+    end
+    return key or "line"
+  end
+
+  local trace = {}
+  -- Starts recording live blocks by Lua stack. On LuaJIT the compiler is turned off and its
+  -- traces flushed (stacks cannot be read in compiled code), and turned on again by stop().
+  function trace.start(opts)
+    check_opts(opts, 1, "start", TRACE_OPTS, 2)
+    if core.trace_is_on() then return false end
+    if jit_status and jit_status() then
+      jit_was_on = true
+      jit_off()
+      jit_flush()
+    end
+    return core.trace_start(opts and opts.depth or 8, opts and opts.sample_bytes or 0)
+  end
+
+  function trace.stop()
+    core.trace_stop()
+    if jit_was_on then
+      jit_was_on = nil
+      jit_on()
+    end
+  end
+
+  trace.is_tracing = core.trace_is_on
+
+  -- A snapshot of the live recorded blocks, or nil and a message when not tracing.
+  function trace.snapshot()
+    return core.trace_snapshot()
+  end
+
+  local SNAP = {}
+  -- The `n` biggest sites (all if n is nil) as {site=, bytes=, blocks=}, biggest first.
+  function SNAP.top(s, n, key)
+    check_snap(s, "top")
+    if n ~= nil then
+      local expected = integer_in(0, 2 ^ 53)(n)
+      if expected then
+        argerror(2, "top", expected .. " expected, got " ..
+          (type(n) == "number" and tostring(n) or snapname(n)), 2)
+      end
+    end
+    key = check_key(key, 3, "top")
+    return core.trace_top(s, n or -1, key)
+  end
+
+  -- Growth by site since `older`: {site=, bytes=, blocks=, bytes_diff=, blocks_diff=}, the
+  -- biggest growth first (sites gone from `s` have bytes = 0).
+  function SNAP.compare(s, older, key)
+    check_snap(s, "compare")
+    if not is_snapshot(older) then
+      argerror(2, "compare", "snapshot expected, got " .. snapname(older), 2)
+    end
+    key = check_key(key, 3, "compare")
+    local new, old = core.trace_top(s, -1, key), core.trace_top(older, -1, key)
+    local by_site, out = {}, {}
+    for _, st in ipairs(old) do by_site[st.site] = st end
+    for _, st in ipairs(new) do
+      local o = by_site[st.site]
+      by_site[st.site] = nil
+      out[#out + 1] = { site = st.site, bytes = st.bytes, blocks = st.blocks,
+        bytes_diff = st.bytes - (o and o.bytes or 0), blocks_diff = st.blocks - (o and o.blocks or 0),
+        traceback = st.traceback }
+    end
+    for site, o in pairs(by_site) do
+      out[#out + 1] = { site = site, bytes = 0, blocks = 0, bytes_diff = -o.bytes,
+        blocks_diff = -o.blocks, traceback = o.traceback }
+    end
+    table.sort(out, function(a, b)
+      if a.bytes_diff ~= b.bytes_diff then return a.bytes_diff > b.bytes_diff end
+      return a.site < b.site
+    end)
+    return out
+  end
+
+  local function check_path(p, fname)
+    if type(p) ~= "string" then
+      argerror(2, fname, "string expected, got " .. snapname(p), 3)
+    end
+  end
+
+  -- Writes folded stacks ("root;...;leaf bytes" lines): true, or nil and a message.
+  function SNAP.dump(s, path)
+    check_snap(s, "dump")
+    check_path(path, "dump")
+    return core.trace_dump(s, path)
+  end
+
+  local FLAME_OPTS = { title = true }
+  KINDS.title = of_type("string")
+  -- Writes an SVG flame graph of live bytes by Lua stack: true, or nil and a message.
+  function SNAP.flamegraph(s, path, opts)
+    check_snap(s, "flamegraph")
+    check_path(path, "flamegraph")
+    check_opts(opts, 3, "flamegraph", FLAME_OPTS, 2)
+    return core.trace_flamegraph(s, path, opts and opts.title or "")
+  end
+
+  local snap_mt = core.trace_snapshot_mt
+  snap_mt.__index = SNAP
+  snap_mt.__tostring = function() return "snapshot" end
+  M.trace = trace
 end
 
 return M
