@@ -3,9 +3,10 @@
 #   bash scripts/test.sh
 # Installs what it needs (scripts/setup.sh), then runs: cargo fmt, clippy for every Lua
 # feature, luacheck, the Rust tests on mlua's vendored LuaJIT and Lua 5.4, `luarocks make` and
-# the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and the examples, a 10^5-request soak
-# and lua_close with live arenas on each, the C API's proof (scripts/c-tests.sh: plain, ASan,
-# valgrind, misuse) and the Lua 5.4 specs and lua_close under valgrind. Ends with one line: "N passed, N failed", counting every test of every suite.
+# the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and on each the examples, a 10^5-request
+# soak, lua_close with live arenas and the luv server under wrk (tests/server.sh); the C API's
+# proof (scripts/c-tests.sh: plain, ASan, valgrind, misuse); the Lua 5.4 specs and lua_close
+# under valgrind. Ends with one line: "N passed, N failed", counting every test of every suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -98,6 +99,9 @@ for lua in "${interpreters[@]}"; do
   check "quick example ($lua)" bash -c "$env_line; $lua examples/quick.lua | tee /dev/stderr | grep -q 'leak in \"GET /users\"'"
   check "soak: 10^5 arena-scoped requests, memory flat ($lua)" bash -c "$env_line; $lua bench/soak.lua 100000"
   check "lua_close with live arenas, scopes, budgets ($lua)" bash -c "$env_line; $lua tests/lua/close_with_arenas.lua | grep -qx ok"
+  log="$log_dir/server-$lua.log"
+  bash tests/server.sh "$lua" >"$log" 2>&1
+  count "server under wrk ($lua)" "$(grep -c '^ok - ' "$log")" "$(grep -c '^not ok - ' "$log")" "$log"
 done
 
 echo "== the C API (tests/c): plain, ASan + LSan, valgrind, misuse; the Lua specs under valgrind"

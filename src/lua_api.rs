@@ -637,10 +637,11 @@ unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
         (c"freed_bytes", scope.freed_bytes.get() as i64),
         (c"net_bytes", scope.net_bytes.get()),
         (c"peak_bytes", scope.peak_bytes.get()),
+        (c"jit_traces", scope.jit_traces.get() as i64),
     ];
     // SAFETY: valid state.
     unsafe {
-        ffi::lua_createtable(L, 0, 10);
+        ffi::lua_createtable(L, 0, 11);
         for (key, value) in counters {
             set_int(L, key, value);
         }
@@ -983,7 +984,13 @@ unsafe extern "C-unwind" fn l_arena_pause(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         let t = check_tracker(L);
-        t.arenas.paused.set(ffi::lua_toboolean(L, 1) != 0);
+        let recording = ffi::lua_toboolean(L, 1) != 0;
+        if recording && !t.arenas.paused.get() {
+            if let Some(scope) = t.active_scope() {
+                scope.count_trace();
+            }
+        }
+        t.arenas.paused.set(recording);
     }
     0
 }

@@ -24,6 +24,10 @@ pub struct Scope {
     pub peak_bytes: Cell<i64>,
     /// Set when the scope ends; a closed scope's counters no longer move.
     pub closed: Cell<bool>,
+    /// LuaJIT traces recorded while the scope was active: what the recorder allocated then
+    /// counts for the scope (it runs alongside the scope's own code, whose allocations cannot be
+    /// told apart), so a request with `jit_traces > 0` may count more than a run alone.
+    pub jit_traces: Cell<u64>,
     /// The scope that was active when this one was opened: counts roll up to it.
     parent: Option<Rc<Scope>>,
     /// `parent` as a raw pointer for the allocation hook. Invariant: equal to `parent`'s pointer
@@ -113,6 +117,7 @@ impl Scope {
             net_bytes: Cell::new(0),
             peak_bytes: Cell::new(0),
             closed: Cell::new(false),
+            jit_traces: Cell::new(0),
             parent,
             parent_ptr,
             arena,
@@ -123,6 +128,13 @@ impl Scope {
             allowance: Cell::new(guard.allowance.unwrap_or(u64::MAX)),
             guarded,
         }
+    }
+
+    /// A LuaJIT trace starts being recorded while `self` is active: counts it for `self` and
+    /// the open scopes it was opened in.
+    pub fn count_trace(&self) {
+        // SAFETY: `self` is live, so its ancestors are.
+        unsafe { Scope::walk(self, |s| s.jit_traces.set(s.jit_traces.get() + 1)) };
     }
 
     /// Whether an allocation that adds `delta` bytes may happen while `self` is active: within

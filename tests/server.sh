@@ -118,6 +118,8 @@ ref=$(sed -n 's/^users reference //p' "$report")
 min=$(sed -n 's/^users min //p' "$report")
 max=$(sed -n 's/^users max //p' "$report")
 served=$(sed -n 's/^requests GET \/users \([0-9]*\)/\1/p' "$report")
+traced=$(sed -n 's/^users traced //p' "$report")
+[ "${traced:-0}" -gt 0 ] && served="$served (not counting $traced during which LuaJIT recorded a trace)"
 for what in allocs allocated_bytes; do
   r=$(echo "$ref" | grep -Eo "(^| )$what=[0-9-]+" | cut -d= -f2)
   lo=$(echo "$min" | grep -Eo "(^| )$what=[0-9-]+" | cut -d= -f2)
