@@ -179,8 +179,9 @@ impl Tracker {
         }
     }
 
+    /// Counts a new block in the state's counters (not in any scope's).
     #[inline(always)]
-    fn on_alloc(&self, nsize: usize, tag: usize) {
+    fn count_alloc(&self, nsize: usize, tag: usize) {
         self.allocs.set(self.allocs.get() + 1);
         self.bytes_allocated
             .set(self.bytes_allocated.get() + nsize as u64);
@@ -190,6 +191,35 @@ impl Tracker {
             self.type_bytes[slot].set(self.type_bytes[slot].get() + nsize as u64);
         }
         self.grow(nsize as u64);
+    }
+
+    /// Counts a freed block in the state's counters.
+    #[inline(always)]
+    fn count_free(&self, osize: usize) {
+        self.frees.set(self.frees.get() + 1);
+        self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
+        self.live_bytes.set(self.live_bytes.get() - osize as u64);
+    }
+
+    /// Counts a resized block in the state's counters.
+    #[inline(always)]
+    fn count_realloc(&self, osize: usize, nsize: usize) {
+        self.reallocs.set(self.reallocs.get() + 1);
+        self.bytes_allocated
+            .set(self.bytes_allocated.get() + nsize as u64);
+        self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
+        if nsize >= osize {
+            self.grow((nsize - osize) as u64);
+        } else {
+            self.live_bytes
+                .set(self.live_bytes.get() - (osize - nsize) as u64);
+        }
+    }
+
+    /// Counts a new block, for the active scope too.
+    #[inline(always)]
+    fn on_alloc(&self, nsize: usize, tag: usize) {
+        self.count_alloc(nsize, tag);
         let scope = self.active.get();
         if !scope.is_null() {
             // SAFETY: a non-null `active` is kept alive by `active_owner` (see its invariant).
@@ -215,9 +245,7 @@ impl Tracker {
     /// if not null.
     #[inline(always)]
     fn on_free_for(&self, osize: usize, to: *const Scope) {
-        self.frees.set(self.frees.get() + 1);
-        self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
-        self.live_bytes.set(self.live_bytes.get() - osize as u64);
+        self.count_free(osize);
         if !to.is_null() {
             // SAFETY: `to` is the active scope or an arena's open owner, both live.
             unsafe { Scope::attribute_free(to, osize as u64) };
@@ -226,16 +254,7 @@ impl Tracker {
 
     #[inline(always)]
     fn on_realloc(&self, osize: usize, nsize: usize) {
-        self.reallocs.set(self.reallocs.get() + 1);
-        self.bytes_allocated
-            .set(self.bytes_allocated.get() + nsize as u64);
-        self.bytes_freed.set(self.bytes_freed.get() + osize as u64);
-        if nsize >= osize {
-            self.grow((nsize - osize) as u64);
-        } else {
-            self.live_bytes
-                .set(self.live_bytes.get() - (osize - nsize) as u64);
-        }
+        self.count_realloc(osize, nsize);
         let scope = self.active.get();
         if !scope.is_null() {
             // SAFETY: as in `on_alloc`.
@@ -458,11 +477,7 @@ unsafe fn hook<const MIMALLOC: bool>(
 ) -> *mut c_void {
     // SAFETY: the caller guarantees `ud` is a live Tracker.
     let tracker = unsafe { &*(ud as *const Tracker) };
-    // Tracing costs the untraced hook this one test (the traced path is out of line).
-    if tracker.trace.on.get() {
-        // SAFETY: forwarded contract.
-        return unsafe { crate::trace::traced::<MIMALLOC>(tracker, ud, block, osize, nsize) };
-    }
+    // (Tracing costs this hook nothing: `mem.trace.start` installs the traced hooks instead.)
     // SAFETY: forwarded contract.
     unsafe { counted::<MIMALLOC>(tracker, ud, block, osize, nsize) }
 }
@@ -479,6 +494,10 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     osize: usize,
     nsize: usize,
 ) -> *mut c_void {
+    if tracker.active.get().is_null() {
+        // SAFETY: forwarded contract.
+        return unsafe { unscoped::<MIMALLOC>(tracker, ud, block, osize, nsize) };
+    }
     if block.is_null() {
         if nsize == 0 || !tracker.admits(nsize) {
             return ptr::null_mut();
@@ -508,6 +527,45 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         tracker.on_realloc(osize, nsize);
     }
     result
+}
+
+/// [`counted`] when no scope is active (most calls of most programs): no budget to check, no
+/// arena to place a block in, nothing to attribute.
+///
+/// # Safety
+/// As for [`counted`], with no active scope.
+#[inline(always)]
+unsafe fn unscoped<const MIMALLOC: bool>(
+    t: &Tracker,
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if block.is_null() {
+            if nsize == 0 {
+                return ptr::null_mut();
+            }
+            let result = serve::<MIMALLOC>(t, ptr::null_mut(), osize, nsize);
+            if !result.is_null() {
+                t.count_alloc(nsize, osize);
+            }
+            return result;
+        }
+        if arena::contains(block) {
+            return arena_block::<MIMALLOC>(t, ud, block, osize, nsize);
+        }
+        let result = serve::<MIMALLOC>(t, block, osize, nsize);
+        if nsize == 0 {
+            t.count_free(osize);
+            after_free(t, ud);
+        } else if !result.is_null() {
+            t.count_realloc(osize, nsize);
+        }
+        result
+    }
 }
 
 /// The allocation hook that forwards every call to the host allocator ([`Serve::Host`]).
@@ -545,22 +603,78 @@ pub unsafe extern "C" fn lunet_mem_alloc_mimalloc(
     unsafe { hook::<true>(ud, block, osize, nsize) }
 }
 
+/// The hook that forwards every call to the host allocator and records allocation sites
+/// (installed by `mem.trace.start`, see `crate::trace`).
+///
+/// # Safety
+/// See [`hook`].
+#[no_mangle]
+#[inline(never)]
+pub unsafe extern "C" fn lunet_mem_alloc_host_traced(
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: forwarded contract; `ud` is a live Tracker.
+    unsafe { crate::trace::traced::<false>(&*(ud as *const Tracker), ud, block, osize, nsize) }
+}
+
+/// The hook that serves new blocks from mimalloc and records allocation sites.
+///
+/// # Safety
+/// See [`hook`].
+#[no_mangle]
+#[inline(never)]
+pub unsafe extern "C" fn lunet_mem_alloc_mimalloc_traced(
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: forwarded contract; `ud` is a live Tracker.
+    unsafe { crate::trace::traced::<true>(&*(ud as *const Tracker), ud, block, osize, nsize) }
+}
+
 /// The hook for `serve`.
 pub fn hook_for(serve: Serve) -> LuaAlloc {
-    match serve {
-        Serve::Host => lunet_mem_alloc_host,
-        Serve::Mimalloc => lunet_mem_alloc_mimalloc,
+    hook_with(serve, false)
+}
+
+/// The hook for `serve`, recording allocation sites if `traced`.
+pub fn hook_with(serve: Serve, traced: bool) -> LuaAlloc {
+    match (serve, traced) {
+        (Serve::Host, false) => lunet_mem_alloc_host,
+        (Serve::Mimalloc, false) => lunet_mem_alloc_mimalloc,
+        (Serve::Host, true) => lunet_mem_alloc_host_traced,
+        (Serve::Mimalloc, true) => lunet_mem_alloc_mimalloc_traced,
     }
 }
 
-/// Which hook `f` is, if it is one of this library's (so that its `ud` is a `Tracker`).
+/// Which hook `f` is, if it is one of this library's (so that its `ud` is a `Tracker`), traced
+/// or not.
 pub fn hook_kind(f: LuaAlloc) -> Option<Serve> {
-    if std::ptr::fn_addr_eq(f, lunet_mem_alloc_host as LuaAlloc) {
+    let is = |g: LuaAlloc| std::ptr::fn_addr_eq(f, g);
+    if is(lunet_mem_alloc_host) || is(lunet_mem_alloc_host_traced) {
         Some(Serve::Host)
-    } else if std::ptr::fn_addr_eq(f, lunet_mem_alloc_mimalloc as LuaAlloc) {
+    } else if is(lunet_mem_alloc_mimalloc) || is(lunet_mem_alloc_mimalloc_traced) {
         Some(Serve::Mimalloc)
     } else {
         None
+    }
+}
+
+/// Installs the traced or untraced hook on `L`, keeping its tracker, if ours is installed.
+///
+/// # Safety
+/// `L` is a valid state.
+pub unsafe fn set_traced(L: *mut lua_State, traced: bool) {
+    let mut ud = ptr::null_mut();
+    // SAFETY: valid state; only our own hook is swapped for its twin with the same `ud`.
+    unsafe {
+        if let Some(serve) = hook_kind(ffi::lua_getallocf(L, &mut ud)) {
+            ffi::lua_setallocf(L, hook_with(serve, traced), ud);
+        }
     }
 }
 

@@ -39,8 +39,9 @@
 //!
 //! # Cost
 //!
-//! With tracing off the hook tests one field (`Trace::on`) and nothing else. The records live
-//! in Rust memory (mimalloc, the global allocator), never in Lua's.
+//! With tracing off the hook does not test anything: `mem.trace.start` installs the traced
+//! twin of the hook (`lunet_mem_alloc_*_traced`, same tracker) and `stop` puts the plain one
+//! back. The records live in Rust memory (mimalloc, the global allocator), never in Lua's.
 
 use std::cell::{Cell, UnsafeCell};
 use std::collections::HashMap;
@@ -554,7 +555,7 @@ impl Snapshot {
 
 /// The tracing state of one Lua state (a field of [`Tracker`]).
 pub struct Trace {
-    /// Whether allocations are recorded: the one field the hook tests when tracing is off.
+    /// Whether allocations are recorded (the traced hook is installed while it is set).
     pub on: Cell<bool>,
     /// The thread whose stack is read (see the module doc). Invariant while `on`: null or a
     /// live thread of the state (a thread whose block is freed is replaced by `main`).
@@ -744,7 +745,7 @@ impl Trace {
 }
 
 /// The hook while tracing: the untraced hook ([`crate::hook::counted`]) plus the records.
-/// Reached from the hook through one test of `Trace::on`.
+/// Called by the traced hooks, which `mem.trace.start` installs in place of the plain ones.
 ///
 /// # Safety
 /// As for the hook: `ud` is the live tracker `t`, and the call follows the `lua_Alloc` contract.
@@ -857,6 +858,7 @@ unsafe extern "C-unwind" fn l_start(L: *mut lua_State) -> c_int {
         t.trace.jit_code.set(false);
         t.trace.paused.set(false);
         t.trace.start(L, main, depth, sample);
+        crate::hook::set_traced(L, true);
         ffi::lua_pushboolean(L, 1);
         1
     }
@@ -867,6 +869,7 @@ unsafe extern "C-unwind" fn l_stop(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         if let Some(t) = tracker_of(L) {
+            crate::hook::set_traced(L, false);
             t.trace.stop();
         }
     }
