@@ -99,6 +99,9 @@ for lua in "${interpreters[@]}"; do
   check "quick example ($lua)" bash -c "$env_line; $lua examples/quick.lua | tee /dev/stderr | grep -q 'leak in \"GET /users\"'"
   check "soak: 10^5 arena-scoped requests, memory flat ($lua)" bash -c "$env_line; $lua bench/soak.lua 100000"
   check "lua_close with live arenas, scopes, budgets ($lua)" bash -c "$env_line; $lua tests/lua/close_with_arenas.lua | grep -qx ok"
+  check "lunet-mem run --flamegraph, installed by the rock ($lua)" bash -c "$env_line
+    .luarocks/$lua/bin/lunet-mem run --lua $lua --flamegraph '$log_dir/run-$lua.svg' examples/quick.lua >/dev/null
+    grep -q '<svg' '$log_dir/run-$lua.svg' && grep -q 'quick.lua' '$log_dir/run-$lua.svg'"
   log="$log_dir/server-$lua.log"
   bash tests/server.sh "$lua" >"$log" 2>&1
   count "server under wrk ($lua)" "$(grep -c '^ok - ' "$log")" "$(grep -c '^not ok - ' "$log")" "$log"
