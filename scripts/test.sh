@@ -102,6 +102,7 @@ for lua in "${interpreters[@]}"; do
   check "lunet-mem run --flamegraph, installed by the rock ($lua)" bash -c "$env_line
     .luarocks/$lua/bin/lunet-mem run --lua $lua --flamegraph '$log_dir/run-$lua.svg' examples/quick.lua >/dev/null
     grep -q '<svg' '$log_dir/run-$lua.svg' && grep -q 'quick.lua' '$log_dir/run-$lua.svg'"
+  check "8 luv threads, each with its own state and scopes, count alone ($lua)" bash -c "$env_line; timeout 120 $lua tests/lua/luv_threads.lua"
   log="$log_dir/server-$lua.log"
   bash tests/server.sh "$lua" >"$log" 2>&1
   count "server under wrk ($lua)" "$(grep -c '^ok - ' "$log")" "$(grep -c '^not ok - ' "$log")" "$log"

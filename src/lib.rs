@@ -18,7 +18,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use mlua::ffi::{self, lua_State};
 
-/// mimalloc's `mi_option_arena_eager_commit` (the same number in its v2 and v3 headers).
+/// mimalloc's `mi_option_arena_eager_commit` (the same number in its v2 and v3 headers; the crate
+/// builds v2: v3.3 crashed in `mi_thread_init` when the library was loaded from a thread that
+/// later exited, as luv threads do, `tests/lua/luv_threads.lua`).
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
 /// Run when the library is loaded, before its first allocation: mimalloc would otherwise commit

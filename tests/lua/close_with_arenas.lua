@@ -1,7 +1,9 @@
 -- lua_close with everything live: pinned arenas, arena scopes open in suspended coroutines, a
--- scope with a budget, a plain scope, then os.exit(0, true) (which closes the state). Run by
+-- scope with a budget, a plain scope, allocation tracing on, then os.exit(0, true) (which closes
+-- the state). Run by
 -- scripts/test.sh under valgrind on Lua 5.4: 0 errors, 0 bytes definitely lost.
 local mem = require "lunet.mem"
+assert(mem.trace.start())
 
 local keep = {}
 for i = 1, 100 do
@@ -22,5 +24,6 @@ collectgarbage()
 collectgarbage()
 assert(#mem.arenas() >= 100 and #keep == 100, "arenas")
 assert(mem.fail_after(0, function() return {} end) == false)
+assert(mem.trace.snapshot():top(1)[1].bytes > 0)
 io.write("ok\n")
 os.exit(0, true)
