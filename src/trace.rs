@@ -1102,6 +1102,51 @@ unsafe extern "C-unwind" fn l_flamegraph(L: *mut lua_State) -> c_int {
     unsafe { write_out(L, true) }
 }
 
+impl Recorder {
+    /// The line that made the recorded live block at `addr` (its innermost Lua frame), if any.
+    fn line_of(&self, addr: usize) -> Option<String> {
+        let block = self.live.get(&addr)?;
+        let frames = &self.sites[block.site as usize];
+        let leaf = frames
+            .iter()
+            .map(|&f| &self.frames[f as usize])
+            .find(|f| f.what == b'L' || f.what == b'm')
+            .or_else(|| frames.first().map(|&f| &self.frames[f as usize]))?;
+        // (Lua 5.1 may not have saved the pc of a frame yet: no line to tell)
+        (leaf.what == b'C' || leaf.line >= 0).then(|| leaf.line_label())
+    }
+}
+
+/// `core.trace_site_of(v)`: the line that allocated the object `v` (a table, function or
+/// thread: `lua_topointer` gives their block), if tracing recorded it; else nil. The leak report
+/// uses it to name the allocating line of what a leaking function left alive.
+unsafe extern "C-unwind" fn l_site_of(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; only the recorder's map is read, under `busy`.
+    unsafe {
+        let addr = match ffi::lua_type(L, 1) {
+            ffi::LUA_TTABLE | ffi::LUA_TFUNCTION | ffi::LUA_TTHREAD => {
+                ffi::lua_topointer(L, 1) as usize
+            }
+            _ => 0,
+        };
+        let line = match tracker_of(L) {
+            Some(t) if addr != 0 && t.trace.on.get() => match Busy::enter(&t.trace.busy) {
+                Some(busy) => t.trace.recorder(&busy).and_then(|rec| rec.line_of(addr)),
+                None => None,
+            },
+            _ => None,
+        };
+        match line {
+            Some(line) => {
+                ffi::lua_pushlstring(L, line.as_ptr().cast(), line.len());
+                drop(line);
+            }
+            None => ffi::lua_pushnil(L),
+        }
+    }
+    1
+}
+
 /// Adds the `trace_*` functions and `trace_snapshot_mt` to the `core` table on top of the stack.
 ///
 /// # Safety
@@ -1109,7 +1154,8 @@ unsafe extern "C-unwind" fn l_flamegraph(L: *mut lua_State) -> c_int {
 pub unsafe fn push_functions(L: *mut lua_State) {
     // SAFETY: valid state, table on top.
     unsafe {
-        let functions: [(&CStr, ffi::lua_CFunction); 9] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 10] = [
+            (c"trace_site_of", l_site_of),
             (c"trace_start", l_start),
             (c"trace_stop", l_stop),
             (c"trace_is_on", l_is_on),

@@ -292,15 +292,20 @@ local DEFAULT_WARMUP, DEFAULT_RUNS = 2, 5
 -- lunet.mem.holders (loaded only then, and optional) and returns its lines, what that run left
 -- alive and what holds it, each line after a newline. The verdict is made before, so the walks
 -- (which allocate) cannot change it.
+-- That run is traced (src/trace.rs; the JIT is off here already): the report names the line
+-- that allocated each object where the tracer saw it.
 local function who_holds(fn)
   local found, holders = pcall(require, "lunet.mem.holders")
   if not found or type(holders) ~= "table" then return "" end
   local walk_opts = { roots = { { fn, "the checked function" } } }
+  local traced = core.trace_start and not core.trace_is_on() and core.trace_start(8, 0)
   local ok, lines = pcall(function()
     local before = holders.snapshot(walk_opts)
     fn()
+    if core.trace_is_on and core.trace_is_on() then walk_opts.site_of = core.trace_site_of end
     return holders.explain(before, walk_opts)
   end)
+  if traced then core.trace_stop() end
   if not ok then return "\n  (could not tell what holds it: " .. tostring(lines) .. ")" end
   return "\n" .. concat(lines, "\n")
 end

@@ -382,10 +382,13 @@ end
 --- Report lines for what is alive now and was not in `before` (a `snapshot()`): objects grouped
 -- by type and site, each group with one path from a root; then the tables of `before` that have
 -- more entries. `opts.roots` as for `snapshot`; `opts.limit`: groups shown of each kind (8).
--- `opts.indent`: prefix of each line ("  ").
+-- `opts.indent`: prefix of each line ("  "). `opts.site_of(v)`: the line that allocated `v` (or
+-- nil), used for the group's site in place of the holder's.
 function holders.explain(before, opts)
   local limit = opts and opts.limit or 8
   local indent = opts and opts.indent or "  "
+  -- opts.site_of(v): the line that allocated `v`, if known (mem.trace records it)
+  local site_of_alloc = opts and opts.site_of
   local w = new_walk(true, true)
   w.counts, w.weak = weak_set(), weak_set()
   seed(w, opts)
@@ -399,7 +402,7 @@ function holders.explain(before, opts)
     local old = before[v]
     if v ~= before and v ~= RUNNING_STACK then
       if old == nil then
-        local key = type(v) .. " (" .. site(w, v) .. ")"
+        local key = type(v) .. " (" .. (site_of_alloc and site_of_alloc(v) or site(w, v)) .. ")"
         local g = by_key[key]
         if not g then
           g = { key = key, count = 0, first = v, rank = #groups }
