@@ -216,6 +216,19 @@ pub struct Recorder {
     sites: Vec<Box<[u32]>>,
     /// Recorded live blocks by address.
     live: FxMap<usize, LiveBlock>,
+    /// A filter of the addresses in `live`: a clear bit means "not recorded", so that the free of
+    /// an unrecorded block (almost every free when sampling) looks nothing up. Bits are never
+    /// cleared (several addresses share one), so a set bit only means "maybe".
+    maybe: Box<[u64]>,
+}
+
+/// Bits in [`Recorder::maybe`] (2^16: 8 KiB).
+const FILTER_BITS: usize = 1 << 16;
+
+/// The filter bit of the block at `addr` (blocks are 16-byte aligned; high bits folded in).
+#[inline(always)]
+fn filter_bit(addr: usize) -> usize {
+    ((addr >> 4) ^ (addr >> 20)) & (FILTER_BITS - 1)
 }
 
 impl Recorder {
@@ -230,6 +243,7 @@ impl Recorder {
             site_ids: FxMap::default(),
             sites: Vec::new(),
             live: FxMap::default(),
+            maybe: vec![0u64; FILTER_BITS / 64].into_boxed_slice(),
         };
         if sample_bytes > 0 {
             rec.bytes_left = rec.next_interval();
@@ -361,24 +375,39 @@ impl Recorder {
     /// Records the new block `addr` of `size` bytes made at `site`.
     #[inline]
     pub fn insert(&mut self, addr: usize, size: usize, site: u32) {
+        let bit = filter_bit(addr);
+        self.maybe[bit / 64] |= 1 << (bit % 64);
         self.live.insert(addr, LiveBlock { size, site });
+    }
+
+    /// Whether `addr` may be recorded (false: surely not).
+    #[inline(always)]
+    fn may_have(&self, addr: usize) -> bool {
+        let bit = filter_bit(addr);
+        self.maybe[bit / 64] & (1 << (bit % 64)) != 0
     }
 
     /// Forgets the block `addr` (freed).
     #[inline]
     pub fn remove(&mut self, addr: usize) -> Option<LiveBlock> {
+        if !self.may_have(addr) {
+            return None;
+        }
         self.live.remove(&addr)
     }
 
     /// The block `old` is now `new`, of `size` bytes: its record (if any) follows.
     #[inline]
     pub fn moved(&mut self, old: usize, new: usize, size: usize) {
+        if !self.may_have(old) {
+            return;
+        }
         if old == new {
             if let Some(b) = self.live.get_mut(&old) {
                 b.size = size;
             }
         } else if let Some(b) = self.live.remove(&old) {
-            self.live.insert(new, LiveBlock { size, site: b.site });
+            self.insert(new, size, b.site);
         }
     }
 
