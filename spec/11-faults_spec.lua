@@ -129,6 +129,25 @@ describe("mem.scope{limit = bytes}", function()
     assert.is_false(last)
   end)
 
+  it("survives budgets that run out in a loop compiled meanwhile (LuaJIT 2.1.0-beta3 crashed)",
+    function()
+      local ok, out = helpers.run_lua([[
+        local mem = require "lunet.mem"
+        local function handler()
+          local t = {}
+          for i = 1, 1e6 do t[i] = string.format("%d:%s", i, "xxxxxxxx") end
+        end
+        for _ = 1, 20 do
+          local ok, err = pcall(mem.scope, { limit = 65536 }, handler)
+          assert(not ok and err == "not enough memory", err)
+        end
+        -- the compiler is back on (if this LuaJIT had it on) once no budget is open
+        io.write(rawget(_G, "jit") and tostring(jit.status()) or "true", " survived")
+      ]])
+      assert.is_true(ok, out)
+      assert.are.equal("true survived", out)
+    end)
+
   it("rejects a bad limit", function()
     for _, bad in ipairs { -1, 1.5, "10", true } do
       local err = helpers.raises("bad argument #1 to 'scope' (option 'limit': ", mem.scope,

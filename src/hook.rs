@@ -147,7 +147,16 @@ impl Tracker {
     fn admits(&self, delta: usize) -> bool {
         let scope = self.active.get();
         // SAFETY: a non-null `active` is kept alive by `active_owner`.
-        scope.is_null() || unsafe { (*scope).admits(delta) }
+        scope.is_null() || unsafe { (*scope).admits(delta) } || self.jit_recording()
+    }
+
+    /// Whether LuaJIT is recording or compiling a trace (its trace events say so): budgets
+    /// never fail its allocations, which are the JIT's, not the scope's, and which Debian's
+    /// LuaJIT 2.1.0-beta3 does not survive failing (it crashed with a budget in a loop that got
+    /// compiled while the budget ran out).
+    #[cold]
+    fn jit_recording(&self) -> bool {
+        self.arenas.paused.get()
     }
 
     pub fn reset_peak(&self) {

@@ -448,6 +448,35 @@ local function pass(...) return ... end
 -- The forms with a name or options. (`fn` is a named parameter rather than taken with
 -- `select(2, ...)`: Debian's LuaJIT 2.1.0-beta3 miscompiled that form inside pcall, calling the
 -- scope's function with wrong arguments.)
+-- Debian's LuaJIT 2.1.0-beta3 (and the 2.1 betas before the 2023 fixes of LuaJIT issues #906 and
+-- #1034) can crash when an allocation fails while compiled code runs: a budget or fail_after that
+-- runs out inside a loop compiled meanwhile did. While a scope with a budget (or fail_after) is
+-- open there, the compiler is off: it is turned off when the first such scope opens and on again
+-- when the last one ends (if it was on). A scope abandoned in a collected coroutine leaves it off.
+local OOM_UNSAFE_JIT = type(jit) == "table" and type(jit.version) == "string"
+  and jit.version:match("^LuaJIT 2%.[01]%.0%-beta") ~= nil
+local guarded_open, guarded_jit_was_on = 0, false
+
+local function guard_jit()
+  guarded_open = guarded_open + 1
+  if guarded_open == 1 then
+    guarded_jit_was_on = jit_status() and true or false
+    if guarded_jit_was_on then jit_off() end
+  end
+end
+
+-- Ends a guarded run: `ok, ...` are pcall's results around it; returns its results or raises
+-- its error object unchanged.
+local function unguard_jit(ok, ...)
+  guarded_open = guarded_open - 1
+  if guarded_open == 0 and guarded_jit_was_on then
+    guarded_jit_was_on = false
+    jit_on()
+  end
+  if ok then return ... end
+  error((...), 0)
+end
+
 local function scope_named(a, fn, ...)
   if type(a) == "string" then
     if not is_callable(fn) then
@@ -458,6 +487,11 @@ local function scope_named(a, fn, ...)
   check_opts(a, 1, "scope", SCOPE_OPTS, 3)
   if not is_callable(fn) then
     argerror(2, "scope", "function expected, got " .. typename(fn), 3)
+  end
+  if OOM_UNSAFE_JIT and a.limit then
+    guard_jit()
+    return unguard_jit(pcall(finish, open(a.name or default_name(fn), arena_arg(a.arena),
+      a.limit), a.on_exit, pcall(fn, ...)))
   end
   return finish(open(a.name or default_name(fn), arena_arg(a.arena), a.limit), a.on_exit,
     pcall(fn, ...))
@@ -515,6 +549,10 @@ function M.fail_after(n, fn, ...)
   end
   if not is_callable(fn) then
     argerror(2, "fail_after", "function expected, got " .. typename(fn), 2)
+  end
+  if OOM_UNSAFE_JIT then
+    guard_jit()
+    return unguard_jit(pcall(fail_finish, open("fail_after", nil, nil, n), pcall(fn, ...)))
   end
   return fail_finish(open("fail_after", nil, nil, n), pcall(fn, ...))
 end
