@@ -849,7 +849,8 @@ pub unsafe fn push_core(L: *mut lua_State) {
         let saved = ffi::lua_gettop(L);
 
         ffi::lua_createtable(L, 0, 24);
-        let functions: [(&CStr, ffi::lua_CFunction); 25] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 26] = [
+            (c"fail_run", l_fail_run),
             (c"cp_attach", l_cp_attach),
             (c"cp_attached", l_cp_attached),
             (c"arenas", l_arenas),
@@ -976,6 +977,38 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
         }
     }
     1
+}
+
+/// `core.fail_run(n, fn, ...)`: `mem.fail_after`'s run, in C so that nothing can allocate
+/// between the end of the protected call and the close of its scope (a Lua frame in between
+/// may need to grow the stack, which the exhausted allowance would refuse). Opens a scope that
+/// admits `n` allocations, calls `fn(...)` in protected mode, closes the scope, and returns
+/// `true, results...` or `false, err`.
+unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua with an integer and a callable (checked by mem.lua). Nothing with a
+    // destructor is alive when a call may raise; between the protected call and the close of
+    // the scope nothing allocates.
+    unsafe {
+        let t = check_tracker(L);
+        let nargs = ffi::lua_gettop(L) - 2;
+        ffi::luaL_checkstack(L, 8, c"too many arguments".as_ptr());
+        let n = ffi::lua_tonumber(L, 1).clamp(0.0, u64::MAX as f64) as u64;
+        ffi::lua_pushstring(L, c"fail_after".as_ptr());
+        ffi::lua_replace(L, 1); // the name, at 1
+        let guard = Guard {
+            limit: None,
+            allowance: Some(n),
+        };
+        let token = open_scope(L, t, 1, None, guard);
+        let status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
+        close_scope(L, t, token, false);
+        // the stack: name, then fn's results or its error (the scope is closed: growing the
+        // stack for one more slot may allocate now)
+        ffi::luaL_checkstack(L, 1, c"too many results".as_ptr());
+        ffi::lua_pushboolean(L, (status == ffi::LUA_OK) as c_int);
+        ffi::lua_replace(L, 1);
+        ffi::lua_gettop(L)
+    }
 }
 
 /// `core.arena_pause(on)`: while on, new blocks are not placed in arenas (LuaJIT's trace

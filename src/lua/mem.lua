@@ -429,8 +429,8 @@ end
 
 -- Closes the scope, runs `on_exit`, then returns the results of `fn` or raises its error object
 -- unchanged.
-local function finish(token, on_exit, ok, ...)
-  local stats = close(token, on_exit ~= nil)
+-- (the part of `finish` after the scope is closed)
+local function after_close(stats, on_exit, ok, ...)
   if ok then
     if on_exit then on_exit(stats) end
     return ...
@@ -441,6 +441,10 @@ local function finish(token, on_exit, ok, ...)
     err = YIELD_ERROR .. " (Lua 5.1 cannot yield inside mem.scope; use LuaJIT or Lua 5.2+)"
   end
   error(err, 0)
+end
+
+local function finish(token, on_exit, ok, ...)
+  return after_close(close(token, on_exit ~= nil), on_exit, ok, ...)
 end
 
 local function pass(...) return ... end
@@ -465,16 +469,21 @@ local function guard_jit()
   end
 end
 
--- Ends a guarded run: `ok, ...` are pcall's results around it; returns its results or raises
--- its error object unchanged.
-local function unguard_jit(ok, ...)
+-- Ends a guarded run (after its scope is closed: nothing can fail any more); returns `...`.
+local function unguard_jit(...)
   guarded_open = guarded_open - 1
   if guarded_open == 0 and guarded_jit_was_on then
     guarded_jit_was_on = false
     jit_on()
   end
-  if ok then return ... end
-  error((...), 0)
+  return ...
+end
+
+-- `finish` for a guarded scope: the compiler comes back once the scope is closed.
+local function finish_guarded(token, on_exit, ok, ...)
+  local stats = close(token, on_exit ~= nil)
+  unguard_jit()
+  return after_close(stats, on_exit, ok, ...)
 end
 
 local function scope_named(a, fn, ...)
@@ -490,8 +499,8 @@ local function scope_named(a, fn, ...)
   end
   if OOM_UNSAFE_JIT and a.limit then
     guard_jit()
-    return unguard_jit(pcall(finish, open(a.name or default_name(fn), arena_arg(a.arena),
-      a.limit), a.on_exit, pcall(fn, ...)))
+    return finish_guarded(open(a.name or default_name(fn), arena_arg(a.arena), a.limit),
+      a.on_exit, pcall(fn, ...))
   end
   return finish(open(a.name or default_name(fn), arena_arg(a.arena), a.limit), a.on_exit,
     pcall(fn, ...))
@@ -533,10 +542,7 @@ if core.make_scope then M.scope = core.make_scope(prepare, names) end
 
 -- Failure injection (Lua's testes/memerr.lua style) ---------------------------------------------
 
-local function fail_finish(token, ...)
-  close(token, false)
-  return ...
-end
+local fail_run = core.fail_run
 
 -- Runs fn(...) in protected mode with the first `n` allocations admitted and every later one
 -- failing (a limit, not a single failure: Lua 5.4 retries a failed allocation after an emergency
@@ -552,9 +558,9 @@ function M.fail_after(n, fn, ...)
   end
   if OOM_UNSAFE_JIT then
     guard_jit()
-    return unguard_jit(pcall(fail_finish, open("fail_after", nil, nil, n), pcall(fn, ...)))
+    return unguard_jit(fail_run(n, fn, ...))
   end
-  return fail_finish(open("fail_after", nil, nil, n), pcall(fn, ...))
+  return fail_run(n, fn, ...)
 end
 
 local SCOPE_METHODS = { stats = core.scope_stats }
