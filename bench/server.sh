@@ -6,6 +6,7 @@
 # Needs the rock built for each (scripts/rock.sh), wrk and lua-luv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. tests/server_lib.sh
 interpreters=("$@")
 [ ${#interpreters[@]} -eq 0 ] && interpreters=(luajit lua5.1 lua5.3 lua5.4)
 seconds=${WRK_SECONDS:-5}
@@ -27,15 +28,8 @@ to_ms() {
 
 # measure LUA MODE: prints "requests/s p99_ms", or "- -" when the server or wrk failed.
 measure() {
-  local lua=$1 mode=$2 port=
-  timeout $((seconds + 60)) "$lua" examples/server.lua 0 "$mode" >"$work/out" 2>"$work/err" &
-  server_pid=$!
-  for _ in $(seq 1 200); do
-    port=$(sed -n 's/^listening on \([0-9][0-9]*\)$/\1/p' "$work/out" | head -n 1)
-    [ -n "$port" ] && break
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
+  local lua=$1 mode=$2
+  start_server "$lua" "$mode" "$work/out" "$work/err" $((seconds + 60))
   if [ -z "$port" ]; then
     echo "server ($lua, $mode) did not start: $(tail -n 3 "$work/err" | tr '\n' ' ')" >&2
     echo "- -"
@@ -43,8 +37,7 @@ measure() {
   fi
   timeout $((seconds + 30)) wrk -t2 -c16 -d"${seconds}s" --latency "http://127.0.0.1:$port/users" \
     >"$work/wrk" 2>&1
-  timeout 10 curl -s "http://127.0.0.1:$port/quit" >/dev/null 2>&1 \
-    || timeout 10 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "GET /quit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" >&3; cat <&3' _ "$port" >/dev/null 2>&1
+  get /quit >/dev/null 2>&1
   wait "$server_pid" 2>/dev/null
   server_pid=
   local rps p99

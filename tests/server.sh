@@ -24,26 +24,13 @@ failures=0
 ok() { echo "ok - $1"; }
 not_ok() { echo "not ok - $1: $2"; failures=$((failures + 1)); }
 
-# get PATH: one request on a connection of its own (bash's /dev/tcp), the response on stdout.
-get() {
-  timeout 20 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-    printf "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" "$2" >&3
-    cat <&3' _ "$port" "$1"
-}
+. tests/server_lib.sh
 
 # field NAME FILE: the number after "NAME=" on the wrk summary line.
 field() { grep -Eo "(^| )$1=[0-9]+" "$2" | head -n 1 | cut -d= -f2; }
 
 # The server, bounded in time; its port from its first line.
-timeout 120 "$lua" examples/server.lua 0 arena >"$work/server.out" 2>"$work/server.err" &
-server_pid=$!
-port=
-for _ in $(seq 1 200); do
-  port=$(sed -n 's/^listening on \([0-9][0-9]*\)$/\1/p' "$work/server.out" | head -n 1)
-  [ -n "$port" ] && break
-  kill -0 "$server_pid" 2>/dev/null || break
-  sleep 0.1
-done
+start_server "$lua" arena "$work/server.out" "$work/server.err" 120
 if [ -z "$port" ]; then
   not_ok "server starts ($lua)" "no 'listening on' line; stderr: $(tail -n 5 "$work/server.err" | tr '\n' ' ')"
   exit 1
