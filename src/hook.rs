@@ -383,30 +383,32 @@ unsafe fn after_free(t: &Tracker, ud: *mut c_void) -> bool {
 /// LuaJIT, which pass no tag, if it is small enough to be one), else from where `MIMALLOC` says.
 ///
 /// # Safety
-/// The `lua_Alloc` contract for a new block; `nsize > 0`.
+/// The `lua_Alloc` contract for a new block; `nsize > 0`; `scope` is the active scope (not null).
 #[inline(always)]
-unsafe fn new_block<const MIMALLOC: bool>(t: &Tracker, tag: usize, nsize: usize) -> *mut c_void {
-    let scope = t.active.get();
-    if !scope.is_null() {
-        // SAFETY: a non-null `active` is kept alive by `active_owner`.
-        let arena = unsafe { (*scope).arena() };
-        if !arena.is_null() && !t.arenas.paused.get() {
-            let kind = if cfg!(type_tags) {
-                if tag == 0 {
-                    arena::OTHER
-                } else {
-                    arena::OBJECTS
-                }
-            } else if nsize > arena::UNTAGGED_OBJECT_MAX {
+unsafe fn new_block<const MIMALLOC: bool>(
+    t: &Tracker,
+    scope: *const Scope,
+    tag: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: the caller's contract: `scope` is the active scope, kept alive by `active_owner`.
+    let arena = unsafe { (*scope).arena() };
+    if !arena.is_null() && !t.arenas.paused.get() {
+        let kind = if cfg!(type_tags) {
+            if tag == 0 {
                 arena::OTHER
             } else {
                 arena::OBJECTS
-            };
-            // SAFETY: a scope's arena lives while the scope does.
-            let block = unsafe { t.arenas.alloc(arena, nsize, kind) };
-            if !block.is_null() {
-                return block;
             }
+        } else if nsize > arena::UNTAGGED_OBJECT_MAX {
+            arena::OTHER
+        } else {
+            arena::OBJECTS
+        };
+        // SAFETY: a scope's arena lives while the scope does.
+        let block = unsafe { t.arenas.alloc(arena, nsize, kind) };
+        if !block.is_null() {
+            return block;
         }
     }
     // SAFETY: forwarded contract.
@@ -503,23 +505,32 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     osize: usize,
     nsize: usize,
 ) -> *mut c_void {
-    if tracker.active.get().is_null() {
-        // SAFETY: forwarded contract.
-        return unsafe { unscoped::<MIMALLOC>(tracker, ud, block, osize, nsize) };
-    }
+    // Most calls of most programs run with no scope active: no budget, arena or attribution.
+    let scope = tracker.active.get();
     if block.is_null() {
-        if nsize == 0 || !tracker.admits(nsize) {
+        if nsize == 0 {
             return ptr::null_mut();
         }
-        // SAFETY: forwarded contract.
-        let result = unsafe { new_block::<MIMALLOC>(tracker, osize, nsize) };
+        if scope.is_null() {
+            // SAFETY: forwarded contract.
+            let result = unsafe { serve::<MIMALLOC>(tracker, ptr::null_mut(), osize, nsize) };
+            if !result.is_null() {
+                tracker.count_alloc(nsize, osize);
+            }
+            return result;
+        }
+        if !tracker.admits(nsize) {
+            return ptr::null_mut();
+        }
+        // SAFETY: forwarded contract; `scope` is the live active scope.
+        let result = unsafe { new_block::<MIMALLOC>(tracker, scope, osize, nsize) };
         if !result.is_null() {
             tracker.on_alloc(nsize, osize);
         }
         return result;
     }
     // A growth may fail (a scope's budget); a free or a shrink never does.
-    if nsize > osize && !tracker.admits(nsize - osize) {
+    if !scope.is_null() && nsize > osize && !tracker.admits(nsize - osize) {
         return ptr::null_mut();
     }
     if arena::contains(block) {
@@ -536,45 +547,6 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         tracker.on_realloc(osize, nsize);
     }
     result
-}
-
-/// [`counted`] when no scope is active (most calls of most programs): no budget to check, no
-/// arena to place a block in, nothing to attribute.
-///
-/// # Safety
-/// As for [`counted`], with no active scope.
-#[inline(always)]
-unsafe fn unscoped<const MIMALLOC: bool>(
-    t: &Tracker,
-    ud: *mut c_void,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-) -> *mut c_void {
-    // SAFETY: forwarded contract.
-    unsafe {
-        if block.is_null() {
-            if nsize == 0 {
-                return ptr::null_mut();
-            }
-            let result = serve::<MIMALLOC>(t, ptr::null_mut(), osize, nsize);
-            if !result.is_null() {
-                t.count_alloc(nsize, osize);
-            }
-            return result;
-        }
-        if arena::contains(block) {
-            return arena_block::<MIMALLOC>(t, ud, block, osize, nsize);
-        }
-        let result = serve::<MIMALLOC>(t, block, osize, nsize);
-        if nsize == 0 {
-            t.count_free(osize);
-            after_free(t, ud);
-        } else if !result.is_null() {
-            t.count_realloc(osize, nsize);
-        }
-        result
-    }
 }
 
 /// The allocation hook that forwards every call to the host allocator ([`Serve::Host`]).
