@@ -136,7 +136,10 @@ describe("leak reports: who holds it", function()
       "> (suspended) <- upvalue 'worker' of the checked function")
   end)
 
-  it("names a coroutine's upvalue", function()
+  -- Lua 5.1's debug.getupvalue does not read a C function's upvalues, and the function that
+  -- coroutine.wrap returns is a C closure over its coroutine (as stock Lua's is).
+  local it_upvalues_of_c = helpers.version == "lua51" and pending or it
+  it_upvalues_of_c("names a coroutine's upvalue", function()
     local worker, body = make_wrapped_worker() -- (`body`: where the coroutine's function is)
     worker()
     local report = leak_report(function() worker() end)

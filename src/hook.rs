@@ -72,6 +72,11 @@ pub struct Tracker {
     /// Recently used scope names, by the address of their Lua string's bytes (checked against
     /// the bytes on use: an address can be reused by another string).
     name_cache: [Cell<Option<CachedName>>; NAME_CACHE_SLOTS],
+    /// Set while the module does its own bookkeeping (a coroutine's stack grown for a resume, a
+    /// thread's scope record): new blocks are not charged to (nor refused by, nor placed in
+    /// the arena of) the active scope. Cleared at every call into the module, in case a memory
+    /// error skipped the code that clears it.
+    pub exempt: Cell<bool>,
     /// The closing state's main thread, set by the sentinel's finalizer in `lua_close` when
     /// mimalloc blocks are still live: the hook gives the state its own allocator back when the
     /// last of them is freed (see `crate::state::uninstall`). Null otherwise.
@@ -106,6 +111,7 @@ impl Tracker {
             mi_blocks: Cell::new(0),
             threads_ref: Cell::new(0),
             name_cache: Default::default(),
+            exempt: Cell::new(false),
             closing: Cell::new(ptr::null_mut()),
             active: Cell::new(ptr::null()),
             active_owner: Cell::new(None),
@@ -141,12 +147,11 @@ impl Tracker {
         name
     }
 
-    /// Whether the active scope's budgets admit an allocation of `delta` more bytes (see
-    /// [`Scope::admits`]).
+    /// Whether the budgets of `scope` (the active scope, or null) admit an allocation of `delta`
+    /// more bytes (see [`Scope::admits`]).
     #[inline(always)]
-    fn admits(&self, delta: usize) -> bool {
-        let scope = self.active.get();
-        // SAFETY: a non-null `active` is kept alive by `active_owner`.
+    fn admits(&self, scope: *const Scope, delta: usize) -> bool {
+        // SAFETY: a non-null `scope` is the active one, kept alive by `active_owner`.
         scope.is_null() || unsafe { (*scope).admits(delta) } || self.jit_recording()
     }
 
@@ -169,6 +174,11 @@ impl Tracker {
         let active = owner.clone();
         self.active_owner.set(owner);
         active
+    }
+
+    /// Whether `scope` is the active scope.
+    pub fn is_active(&self, scope: &Rc<Scope>) -> bool {
+        std::ptr::eq(self.active.get(), Rc::as_ptr(scope))
     }
 
     /// Makes `scope` the one allocations are attributed to.
@@ -225,22 +235,21 @@ impl Tracker {
         }
     }
 
-    /// Counts a new block, for the active scope too.
+    /// Counts a new block, for `scope` (the active scope, or null) too.
     #[inline(always)]
-    fn on_alloc(&self, nsize: usize, tag: usize) {
+    fn on_alloc(&self, scope: *const Scope, nsize: usize, tag: usize) {
         self.count_alloc(nsize, tag);
-        let scope = self.active.get();
         if !scope.is_null() {
             // SAFETY: a non-null `active` is kept alive by `active_owner` (see its invariant).
             unsafe { Scope::attribute_alloc(scope, nsize as u64) };
         }
     }
 
-    /// Counts the free of a block that is not in an arena. It counts for the active scope,
-    /// unless that scope places its blocks in an arena: then the block is not one it made.
+    /// Counts the free of a block that is not in an arena. It counts for `scope` (the active
+    /// scope, or null), unless that scope places its blocks in an arena: then the block is not
+    /// one it made.
     #[inline(always)]
-    fn on_free(&self, osize: usize) {
-        let scope = self.active.get();
+    fn on_free(&self, scope: *const Scope, osize: usize) {
         // SAFETY: as in `on_alloc`.
         let to = if !scope.is_null() && unsafe { (*scope).arena() }.is_null() {
             scope
@@ -262,9 +271,8 @@ impl Tracker {
     }
 
     #[inline(always)]
-    fn on_realloc(&self, osize: usize, nsize: usize) {
+    fn on_realloc(&self, scope: *const Scope, osize: usize, nsize: usize) {
         self.count_realloc(osize, nsize);
-        let scope = self.active.get();
         if !scope.is_null() {
             // SAFETY: as in `on_alloc`.
             unsafe { Scope::attribute_realloc(scope, osize as u64, nsize as u64) };
@@ -424,6 +432,7 @@ unsafe fn new_block<const MIMALLOC: bool>(
 #[inline(never)]
 unsafe fn arena_block<const MIMALLOC: bool>(
     t: &Tracker,
+    scope: *const Scope,
     ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
@@ -432,16 +441,15 @@ unsafe fn arena_block<const MIMALLOC: bool>(
     // SAFETY: the caller's contract: `block` is a live arena block of `osize` bytes.
     unsafe {
         if nsize == 0 {
-            let to = t.arenas.free(block, osize, t.active.get());
+            let to = t.arenas.free(block, osize, scope);
             t.on_free_for(osize, to);
             after_free(t, ud);
             return ptr::null_mut();
         }
         if t.arenas.resize_in_place(block, osize, nsize) {
-            t.on_realloc(osize, nsize);
+            t.on_realloc(scope, osize, nsize);
             return block;
         }
-        let scope = t.active.get();
         let mut moved = ptr::null_mut();
         if !scope.is_null() {
             let arena = (*scope).arena();
@@ -457,7 +465,7 @@ unsafe fn arena_block<const MIMALLOC: bool>(
         }
         ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
         t.arenas.free(block, osize, ptr::null()); // (counted as the realloc below)
-        t.on_realloc(osize, nsize);
+        t.on_realloc(scope, osize, nsize);
         moved
     }
 }
@@ -506,7 +514,10 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     nsize: usize,
 ) -> *mut c_void {
     // Most calls of most programs run with no scope active: no budget, arena or attribution.
-    let scope = tracker.active.get();
+    let mut scope = tracker.active.get();
+    if !scope.is_null() && tracker.exempt.get() {
+        scope = ptr::null(); // the module's own bookkeeping
+    }
     if block.is_null() {
         if nsize == 0 {
             return ptr::null_mut();
@@ -519,32 +530,32 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
             }
             return result;
         }
-        if !tracker.admits(nsize) {
+        if !tracker.admits(scope, nsize) {
             return ptr::null_mut();
         }
         // SAFETY: forwarded contract; `scope` is the live active scope.
         let result = unsafe { new_block::<MIMALLOC>(tracker, scope, osize, nsize) };
         if !result.is_null() {
-            tracker.on_alloc(nsize, osize);
+            tracker.on_alloc(scope, nsize, osize);
         }
         return result;
     }
     // A growth may fail (a scope's budget); a free or a shrink never does.
-    if !scope.is_null() && nsize > osize && !tracker.admits(nsize - osize) {
+    if !scope.is_null() && nsize > osize && !tracker.admits(scope, nsize - osize) {
         return ptr::null_mut();
     }
     if arena::contains(block) {
         // SAFETY: forwarded contract; blocks in the arenas' range are arena blocks.
-        return unsafe { arena_block::<MIMALLOC>(tracker, ud, block, osize, nsize) };
+        return unsafe { arena_block::<MIMALLOC>(tracker, scope, ud, block, osize, nsize) };
     }
     // SAFETY: forwarded contract.
     let result = unsafe { serve::<MIMALLOC>(tracker, block, osize, nsize) };
     if nsize == 0 {
-        tracker.on_free(osize);
+        tracker.on_free(scope, osize);
         // SAFETY: `tracker` is not used after this.
         unsafe { after_free(tracker, ud) };
     } else if !result.is_null() {
-        tracker.on_realloc(osize, nsize);
+        tracker.on_realloc(scope, osize, nsize);
     }
     result
 }

@@ -3,6 +3,7 @@
 
 pub mod arena;
 pub mod capi;
+pub mod coroutine;
 pub mod hook;
 pub mod lua_api;
 pub mod scope;

@@ -89,7 +89,10 @@ unsafe fn type_error(L: *mut lua_State, n: c_int, fname: &str, expected: &str) -
 unsafe fn check_tracker<'a>(L: *mut lua_State) -> &'a Tracker {
     // SAFETY: valid state.
     match unsafe { state::tracker(L) } {
-        Some(t) => t,
+        Some(t) => {
+            t.exempt.set(false); // (see its doc)
+            t
+        }
         // SAFETY: nothing with a destructor is alive here.
         None => unsafe {
             raise(
@@ -457,11 +460,17 @@ unsafe extern "C-unwind" fn l_is_checkpoint(L: *mut lua_State) -> c_int {
 /// The `ThreadScopes` of the thread at stack index `idx` (the running thread if `idx` is 0),
 /// created if `create` is set.
 ///
+/// The table of thread records sits in the registry, where `debug.getregistry` can reach it: its
+/// type and each record's metatable are checked, so that a script that replaced them gets no
+/// scopes (and an error when it opens one), never a crash.
+///
 /// # Safety
-/// `L` valid with 4 free slots, the tracker installed. May raise (memory) only when `create`
-/// is set.
-unsafe fn thread_scopes<'a>(
+/// `L` valid with 3 free slots (4 with `create`), `t` its tracker. Allocates and may raise
+/// (memory, or a replaced table) only when `create` is set; the allocations are the module's
+/// bookkeeping, not charged to or refused by the active scope.
+pub(crate) unsafe fn thread_scopes<'a>(
     L: *mut lua_State,
+    t: &Tracker,
     idx: c_int,
     create: bool,
 ) -> Option<&'a mut ThreadScopes> {
@@ -472,8 +481,17 @@ unsafe fn thread_scopes<'a>(
         } else {
             ffi::lua_absindex(L, idx)
         };
-        let t = check_tracker(L);
         ffi::lua_rawgeti(L, ffi::LUA_REGISTRYINDEX, t.threads_ref.get() as _);
+        if ffi::lua_type(L, -1) != ffi::LUA_TTABLE {
+            ffi::lua_pop(L, 1);
+            if create {
+                raise(
+                    L,
+                    "lunet.mem: the table of scopes by thread was replaced".into(),
+                );
+            }
+            return None;
+        }
         if idx == 0 {
             ffi::lua_pushthread(L);
         } else {
@@ -481,20 +499,20 @@ unsafe fn thread_scopes<'a>(
         }
         ffi::lua_pushvalue(L, -1);
         ffi::lua_rawget(L, -3);
-        // Only this module writes to the table, and only ThreadScopes userdata.
-        let slot = ffi::lua_touserdata(L, -1) as *mut *mut ThreadScopes;
-        if !slot.is_null() && !(*slot).is_null() {
+        if let Some(ts) = to_boxed::<ThreadScopes>(L, -1, THREAD_SCOPES_MT) {
             ffi::lua_pop(L, 3);
-            return Some(&mut **slot);
+            return Some(ts);
         }
         ffi::lua_pop(L, 1);
         if !create {
             ffi::lua_pop(L, 2);
             return None;
         }
+        let was = t.exempt.replace(true);
         let slot = push_slot::<ThreadScopes>(L, THREAD_SCOPES_MT);
         *slot = Box::into_raw(Box::default());
         ffi::lua_rawset(L, -3);
+        t.exempt.set(was);
         ffi::lua_pop(L, 1);
         Some(&mut **slot)
     }
@@ -552,7 +570,7 @@ unsafe fn open_scope(
         if !t.arenas.ticking.get() {
             arm_gc_tick(L, t); // (its finalizer could not arm the next one: out of memory)
         }
-        let ts = thread_scopes(L, 0, true).expect("created");
+        let ts = thread_scopes(L, t, 0, true).expect("created");
         let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
             let mut len = 0usize;
             let p = ffi::lua_tolstring(L, name_idx, &mut len);
@@ -582,7 +600,7 @@ unsafe fn open_scope(
 unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_stats: bool) {
     // SAFETY: forwarded contract.
     unsafe {
-        let top = match thread_scopes(L, 0, false) {
+        let top = match thread_scopes(L, t, 0, false) {
             Some(ts) if ts.stack.iter().any(|s| Rc::as_ptr(s) == token) => {
                 // Scopes above `token` were left open by an error between their open and the
                 // call they guard (a memory error): they end with it.
@@ -726,96 +744,6 @@ unsafe extern "C-unwind" fn l_is_scope(L: *mut lua_State) -> c_int {
     1
 }
 
-/// Whether `co` can be resumed by `L` now (suspended: yielded, or not started).
-///
-/// # Safety
-/// Both states valid and of the same Lua state.
-unsafe fn is_resumable(L: *mut lua_State, co: *mut lua_State) -> bool {
-    if co == L {
-        return false;
-    }
-    // SAFETY: valid threads.
-    unsafe {
-        match ffi::lua_status(co) {
-            ffi::LUA_YIELD => true,
-            ffi::LUA_OK => {
-                let mut ar: ffi::lua_Debug = mem::zeroed();
-                ffi::lua_getstack(co, 0, &mut ar) == 0 && ffi::lua_gettop(co) > 0
-            }
-            _ => false,
-        }
-    }
-}
-
-/// Makes `co`'s scopes active for a resume of `co` by the running thread.
-///
-/// Returns whether `leave` must run after the resume. The scope active now becomes `co`'s
-/// `base`: what `co` inherits while it has no scope of its own, and what is active again once
-/// `co` yields or ends.
-///
-/// # Safety
-/// `L` valid with 4 free slots, the thread at stack index `idx`.
-pub unsafe fn enter(L: *mut lua_State, t: &Tracker, idx: c_int) -> bool {
-    // SAFETY: valid state; `thread_scopes` without `create` does not raise.
-    unsafe {
-        let co = ffi::lua_tothread(L, idx);
-        if co.is_null() || !is_resumable(L, co) {
-            return false;
-        }
-        t.trace.set_running(co); // (mem.trace reads the stack of the running thread)
-        if let Some(ts) = thread_scopes(L, idx, false) {
-            ts.base = t.active_scope();
-            if let Some(top) = ts.stack.last() {
-                t.set_active_scope(Some(top.clone()));
-            }
-        }
-        true
-    }
-}
-
-/// Restores the resumer's scope after a resume of the thread at `idx` returned.
-///
-/// # Safety
-/// `L` valid with 4 free slots, the thread at stack index `idx`.
-pub unsafe fn leave(L: *mut lua_State, t: &Tracker, idx: c_int) {
-    // SAFETY: valid state; `thread_scopes` without `create` does not raise.
-    unsafe {
-        t.trace.set_running(L); // the resumer runs again
-        if let Some(ts) = thread_scopes(L, idx, false) {
-            t.set_active_scope(ts.base.clone());
-        }
-    }
-}
-
-/// `core.co_enter(co)`: returns `co` if `co_leave` must follow the resume, else false.
-unsafe extern "C-unwind" fn l_co_enter(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua.
-    unsafe {
-        let t = check_tracker(L);
-        if enter(L, t, 1) {
-            ffi::lua_settop(L, 1);
-        } else {
-            ffi::lua_pushboolean(L, 0);
-        }
-    }
-    1
-}
-
-/// `core.co_leave(co or false, ...)`: restores the resumer's scope and returns `...`.
-unsafe extern "C-unwind" fn l_co_leave(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua.
-    unsafe {
-        let n = ffi::lua_gettop(L);
-        if ffi::lua_type(L, 1) == ffi::LUA_TTHREAD {
-            if let Some(t) = state::tracker(L) {
-                ffi::luaL_checkstack(L, 4, ptr::null());
-                leave(L, t, 1);
-            }
-        }
-        n - 1
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Registration
 
@@ -849,7 +777,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         let saved = ffi::lua_gettop(L);
 
         ffi::lua_createtable(L, 0, 24);
-        let functions: [(&CStr, ffi::lua_CFunction); 26] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 24] = [
             (c"fail_run", l_fail_run),
             (c"cp_attach", l_cp_attach),
             (c"cp_attached", l_cp_attached),
@@ -870,8 +798,6 @@ pub unsafe fn push_core(L: *mut lua_State) {
             (c"scope_stats", l_scope_stats),
             (c"scope_name", l_scope_name),
             (c"is_scope", l_is_scope),
-            (c"co_enter", l_co_enter),
-            (c"co_leave", l_co_leave),
             (c"gc_count_bytes", l_gc_count_bytes),
             (c"version", l_version),
             (c"stretch", l_stretch),
@@ -887,6 +813,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
             ffi::lua_setfield(L, -2, c"make_scope".as_ptr());
         }
         crate::trace::push_functions(L); // core.trace_* (src/trace.rs)
+        crate::coroutine::push_functions(L); // core.co_* (src/coroutine.rs)
         ffi::lua_pushvalue(L, saved);
         ffi::lua_setfield(L, -2, c"saved".as_ptr());
         ffi::lua_remove(L, saved);
@@ -903,7 +830,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         }
         // The loading thread (usually the main one) gets its scope table now, so that its first
         // scope does not allocate one inside somebody's measurement.
-        thread_scopes(L, 0, true);
+        thread_scopes(L, t, 0, true);
     }
 }
 
@@ -1101,84 +1028,6 @@ unsafe extern "C-unwind" fn l_version(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe { push_str(L, v) };
     1
-}
-
-// ---------------------------------------------------------------------------------------------
-// C entry for runtimes that resume coroutines from C
-
-/// Before a runtime resumes `co` from C with `lua_resume`: makes `co`'s scopes active (or, if it
-/// has none, keeps the resumer's). Returns 1 if [`lunet_mem_leave`] must be called after the
-/// resume returns, 0 if not (no tracker, or `co` cannot be resumed).
-///
-/// # Safety
-/// `L` the running thread and `co` a thread of the same state; `L` has a few free stack slots
-/// (always the case in a C function called by Lua, or with `lua_checkstack`).
-#[no_mangle]
-pub unsafe extern "C-unwind" fn lunet_mem_enter(L: *mut lua_State, co: *mut lua_State) -> c_int {
-    // SAFETY: the caller's contract; the thread is pushed on `L` to find its scopes and popped.
-    unsafe {
-        let Some(t) = state::tracker(L) else { return 0 };
-        ffi::luaL_checkstack(L, 6, ptr::null());
-        push_thread(L, co);
-        let entered = enter(L, t, -1);
-        ffi::lua_pop(L, 1);
-        entered as c_int
-    }
-}
-
-/// After the resume that [`lunet_mem_enter`] prepared returned (yield, end or error): makes the
-/// resumer's scope active again.
-///
-/// # Safety
-/// As for [`lunet_mem_enter`].
-#[no_mangle]
-pub unsafe extern "C-unwind" fn lunet_mem_leave(L: *mut lua_State, co: *mut lua_State) {
-    // SAFETY: as above.
-    unsafe {
-        let Some(t) = state::tracker(L) else { return };
-        ffi::luaL_checkstack(L, 6, ptr::null());
-        push_thread(L, co);
-        leave(L, t, -1);
-        ffi::lua_pop(L, 1);
-    }
-}
-
-/// `lua_resume` with Lua 5.4's signature on every version, keeping scope attribution right:
-/// [`lunet_mem_enter`], `lua_resume`, [`lunet_mem_leave`].
-///
-/// # Safety
-/// As `lua_resume(co, L, nargs, nres)`: `co` a thread of the same state as `L`, with the function
-/// (first resume) or the values for `yield` pushed, and `L` the running thread.
-#[no_mangle]
-pub unsafe extern "C-unwind" fn lunet_mem_resume(
-    L: *mut lua_State,
-    co: *mut lua_State,
-    nargs: c_int,
-    nres: *mut c_int,
-) -> c_int {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let entered = lunet_mem_enter(L, co);
-        let status = ffi::lua_resume(co, L, nargs, nres);
-        if entered != 0 {
-            lunet_mem_leave(L, co);
-        }
-        status
-    }
-}
-
-/// Pushes the thread `co` onto `L`'s stack.
-///
-/// # Safety
-/// Both threads of the same state; `L` has a free slot.
-unsafe fn push_thread(L: *mut lua_State, co: *mut lua_State) {
-    // SAFETY: pushing a thread onto its own stack and moving it across is always allowed.
-    unsafe {
-        ffi::lua_pushthread(co);
-        if co != L {
-            ffi::lua_xmove(co, L, 1);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -582,33 +582,17 @@ if jit and jit.attach and not core.saved.trace_events then
   jit.attach(core.saved.trace_events, "trace")
 end
 
--- Coroutines: the active scope follows resume and yield -----------------------------------------
+-- Coroutines: the active scope follows resume, wrap, yield and close ------------------------
+-- (src/coroutine.rs: C functions that do what the stock ones do, plus the switches). The
+-- originals are kept in `saved`, so that a second load wraps nothing twice.
 
 local saved = core.saved
 if not saved.resume then
-  local resume, create, status = coroutine.resume, coroutine.create, coroutine.status
-  local close_co = coroutine.close
-  local enter, leave = core.co_enter, core.co_leave
-  saved.resume, saved.wrap = resume, coroutine.wrap
-
-  coroutine.resume = function(co, ...)
-    return leave(enter(co), resume(co, ...))
-  end
-
-  local function wrap_results(co, ok, ...)
-    if ok then return ... end
-    local err = ...
-    if close_co and status(co) == "dead" then close_co(co) end
-    if type(err) == "string" or type(err) == "number" then error(err, 2) end
-    error(err, 0)
-  end
-
-  coroutine.wrap = function(f)
-    if type(f) ~= "function" then return saved.wrap(f) end
-    local co = create(f)
-    return function(...)
-      return wrap_results(co, leave(enter(co), resume(co, ...)))
-    end
+  saved.resume, saved.wrap, saved.yield = coroutine.resume, coroutine.wrap, coroutine.yield
+  coroutine.resume, coroutine.wrap, coroutine.yield = core.co_resume, core.co_wrap, core.co_yield
+  if core.co_close and coroutine.close then
+    saved.close = coroutine.close
+    coroutine.close = core.co_close
   end
 end
 
