@@ -275,9 +275,6 @@ pub struct ArenaSet {
     pub gc_cycles: Cell<u64>,
     /// Whether that finalizer is armed.
     pub ticking: Cell<bool>,
-    /// Set while LuaJIT records or compiles a trace: the blocks it makes then are the JIT's
-    /// (traces, IR, snapshots), long-lived, and must not pin a request's arena.
-    pub paused: Cell<bool>,
 }
 
 impl Default for ArenaSet {
@@ -293,7 +290,6 @@ impl Default for ArenaSet {
             pool_bytes: Cell::new(0),
             gc_cycles: Cell::new(0),
             ticking: Cell::new(false),
-            paused: Cell::new(false),
         }
     }
 }

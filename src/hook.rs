@@ -77,6 +77,9 @@ pub struct Tracker {
     /// the arena of) the active scope. Cleared at every call into the module, in case a memory
     /// error skipped the code that clears it.
     pub exempt: Cell<bool>,
+    /// Budgeted scopes (a limit or an allowance) made and not closed yet: on LuaJIT 2.1 betas
+    /// the compiler is off while there are any (see `mem.lua`).
+    pub budgeted_scopes: Cell<u32>,
     /// The closing state's main thread, set by the sentinel's finalizer in `lua_close` when
     /// mimalloc blocks are still live: the hook gives the state its own allocator back when the
     /// last of them is freed (see `crate::state::uninstall`). Null otherwise.
@@ -88,6 +91,18 @@ pub struct Tracker {
     active_owner: Cell<Option<Rc<Scope>>>,
     /// Allocation tracing (`mem.trace`, see `crate::trace`): off unless started.
     pub trace: crate::trace::Trace,
+    /// LuaJIT: a checked view of the VM's own state (see `crate::luajit`), found when the
+    /// module is opened; `None` on other layouts.
+    #[cfg(feature = "luajit")]
+    pub vm: Cell<Option<crate::luajit::Vm>>,
+    /// LuaJIT 2.1 betas crash when an allocation fails in compiled code: budgets admit those
+    /// and fail the interpreter's next allocation instead.
+    #[cfg(feature = "luajit")]
+    pub oom_unsafe_jit: Cell<bool>,
+    /// LuaJIT: whether the last scoped allocation came from the trace compiler (to count the
+    /// recordings a scope saw, `jit_traces`).
+    #[cfg(feature = "luajit")]
+    jit_compiling: Cell<bool>,
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
     pub arenas: ArenaSet,
@@ -112,10 +127,17 @@ impl Tracker {
             threads_ref: Cell::new(0),
             name_cache: Default::default(),
             exempt: Cell::new(false),
+            budgeted_scopes: Cell::new(0),
             closing: Cell::new(ptr::null_mut()),
             active: Cell::new(ptr::null()),
             active_owner: Cell::new(None),
             trace: Default::default(),
+            #[cfg(feature = "luajit")]
+            vm: Cell::new(None),
+            #[cfg(feature = "luajit")]
+            oom_unsafe_jit: Cell::new(false),
+            #[cfg(feature = "luajit")]
+            jit_compiling: Cell::new(false),
             arenas: ArenaSet::default(),
         }
     }
@@ -148,20 +170,59 @@ impl Tracker {
     }
 
     /// Whether the budgets of `scope` (the active scope, or null) admit an allocation of `delta`
-    /// more bytes (see [`Scope::admits`]).
+    /// more bytes (see [`Scope::admits`]); `defer` admits it anyway once counted against them
+    /// (the next allocation is refused).
     #[inline(always)]
-    fn admits(&self, scope: *const Scope, delta: usize) -> bool {
+    fn admits(&self, scope: *const Scope, delta: usize, defer: bool) -> bool {
         // SAFETY: a non-null `scope` is the active one, kept alive by `active_owner`.
-        scope.is_null() || unsafe { (*scope).admits(delta) } || self.jit_recording()
+        scope.is_null() || unsafe { (*scope).admits(delta) } || defer
     }
 
-    /// Whether LuaJIT is recording or compiling a trace (its trace events say so): budgets
-    /// never fail its allocations, which are the JIT's, not the scope's, and which Debian's
-    /// LuaJIT 2.1.0-beta3 does not survive failing (it crashed with a budget in a loop that got
-    /// compiled while the budget ran out).
-    #[cold]
-    fn jit_recording(&self) -> bool {
-        self.arenas.paused.get()
+    /// The scope a call of the hook is for: the active one, unless the module is doing its own
+    /// bookkeeping or (LuaJIT) the VM is compiling a trace or collecting garbage; and whether a
+    /// refusal by its budget must wait (LuaJIT 2.1 betas running compiled code).
+    #[inline(always)]
+    fn scope_for_call(&self) -> (*const Scope, bool) {
+        let scope = self.active.get();
+        if scope.is_null() {
+            return (scope, false);
+        }
+        if self.exempt.get() {
+            return (ptr::null(), false);
+        }
+        #[cfg(feature = "luajit")]
+        if let Some(vm) = self.vm.get() {
+            return self.scope_in_vm(scope, vm.doing());
+        }
+        (scope, false)
+    }
+
+    /// [`Tracker::scope_for_call`] by what LuaJIT is doing.
+    #[cfg(feature = "luajit")]
+    #[inline(always)]
+    fn scope_in_vm(
+        &self,
+        scope: *const Scope,
+        doing: crate::luajit::Doing,
+    ) -> (*const Scope, bool) {
+        use crate::luajit::Doing;
+        match doing {
+            Doing::Running => {
+                self.jit_compiling.set(false);
+                (scope, false)
+            }
+            Doing::Compiled => (scope, self.oom_unsafe_jit.get()),
+            // (the collector's frees count as before; its rare allocations, such as the string
+            // table's, are never refused)
+            Doing::Collecting => (scope, true),
+            Doing::Compiling => {
+                if !self.jit_compiling.replace(true) {
+                    // SAFETY: the active scope, kept alive by `active_owner`.
+                    unsafe { (*scope).count_trace() };
+                }
+                (ptr::null(), false)
+            }
+        }
     }
 
     pub fn reset_peak(&self) {
@@ -401,7 +462,7 @@ unsafe fn new_block<const MIMALLOC: bool>(
 ) -> *mut c_void {
     // SAFETY: the caller's contract: `scope` is the active scope, kept alive by `active_owner`.
     let arena = unsafe { (*scope).arena() };
-    if !arena.is_null() && !t.arenas.paused.get() {
+    if !arena.is_null() {
         let kind = if cfg!(type_tags) {
             if tag == 0 {
                 arena::OTHER
@@ -514,10 +575,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     nsize: usize,
 ) -> *mut c_void {
     // Most calls of most programs run with no scope active: no budget, arena or attribution.
-    let mut scope = tracker.active.get();
-    if !scope.is_null() && tracker.exempt.get() {
-        scope = ptr::null(); // the module's own bookkeeping
-    }
+    let (scope, defer) = tracker.scope_for_call();
     if block.is_null() {
         if nsize == 0 {
             return ptr::null_mut();
@@ -530,7 +588,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
             }
             return result;
         }
-        if !tracker.admits(scope, nsize) {
+        if !tracker.admits(scope, nsize, defer) {
             return ptr::null_mut();
         }
         // SAFETY: forwarded contract; `scope` is the live active scope.
@@ -541,7 +599,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         return result;
     }
     // A growth may fail (a scope's budget); a free or a shrink never does.
-    if !scope.is_null() && nsize > osize && !tracker.admits(scope, nsize - osize) {
+    if !scope.is_null() && nsize > osize && !tracker.admits(scope, nsize - osize, defer) {
         return ptr::null_mut();
     }
     if arena::contains(block) {

@@ -6,6 +6,8 @@ pub mod capi;
 pub mod coroutine;
 pub mod hook;
 pub mod lua_api;
+#[cfg(feature = "luajit")]
+pub mod luajit;
 pub mod scope;
 pub mod state;
 pub mod trace;
@@ -52,7 +54,16 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
     // value alive.
     unsafe {
         ffi::luaL_checkstack(L, 16, std::ptr::null());
-        state::install(L, state::default_serve());
+        let t = state::install(L, state::default_serve());
+        #[cfg(feature = "luajit")]
+        {
+            if t.vm.get().is_none() {
+                t.vm.set(luajit::Vm::find(L));
+            }
+            t.oom_unsafe_jit.set(luajit::is_beta(L));
+        }
+        #[cfg(not(feature = "luajit"))]
+        let _ = t;
         let status = ffi::luaL_loadbuffer(
             L,
             LUA_LAYER.as_ptr().cast(),

@@ -550,14 +550,63 @@ unsafe fn count_option(L: *mut lua_State, idx: c_int) -> Option<u64> {
     }
 }
 
-/// Opens a scope named by the string at `name_idx` (or "scope") in the running thread and makes
-/// it active, with an arena of its own if `arena` says so (see [`arena_option`]); returns its
-/// token (the scope's address).
+/// Makes a scope named by the string at `name_idx` (or "scope"), opened inside the active scope,
+/// with an arena of its own if `arena` says so (see [`arena_option`]), bounded by `guard`. It is
+/// not active yet: [`push_scope`] makes it so.
 ///
 /// # Safety
-/// `L` valid with 4 free slots, `t` its tracker. The only allocations (the thread's scope
-/// record, the name) happen before the scope is active; nothing with a destructor is alive when
-/// they may raise.
+/// `L` valid with 4 free slots, `t` its tracker. May raise (memory) before anything changes;
+/// the module's allocations here are not charged to the active scope.
+unsafe fn make_scope(
+    L: *mut lua_State,
+    t: &Tracker,
+    name_idx: c_int,
+    arena: Option<usize>,
+    guard: Guard,
+) -> Rc<Scope> {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if !t.arenas.ticking.get() {
+            arm_gc_tick(L, t); // (its finalizer could not arm the next one: out of memory)
+        }
+        let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
+            let mut len = 0usize;
+            let p = ffi::lua_tolstring(L, name_idx, &mut len);
+            t.scope_name(p as usize, std::slice::from_raw_parts(p as *const u8, len))
+        } else {
+            Rc::from("scope")
+        };
+        let scope = Scope::guarded(name, t.active_scope(), arena, &t.arenas, guard);
+        if scope.has_budget() {
+            // SAFETY: the tracker outlives every scope of its state.
+            scope.count_in(&t.budgeted_scopes);
+        }
+        scope
+    }
+}
+
+/// Makes `scope` (made by [`make_scope`] in this thread, with the active scope as its parent)
+/// the running thread's innermost scope and the active one; returns its token (its address).
+/// Allocates nothing, raises nothing: the thread's record exists (`make_thread_record`).
+///
+/// # Safety
+/// `L` valid with 3 free slots, `t` its tracker, `ts` the running thread's record.
+unsafe fn push_scope(t: &Tracker, ts: &mut ThreadScopes, scope: Rc<Scope>) -> *const Scope {
+    if ts.stack.is_empty() {
+        ts.base = scope.parent().cloned();
+    }
+    let token = Rc::as_ptr(&scope);
+    ts.stack.push(scope.clone());
+    t.set_active_scope(Some(scope));
+    token
+}
+
+/// Opens a scope in the running thread and makes it active: [`make_scope`] then [`push_scope`].
+/// Returns its token.
+///
+/// # Safety
+/// As for [`make_scope`]; the switch itself allocates nothing.
+#[cfg(c_scope)]
 unsafe fn open_scope(
     L: *mut lua_State,
     t: &Tracker,
@@ -567,26 +616,30 @@ unsafe fn open_scope(
 ) -> *const Scope {
     // SAFETY: forwarded contract.
     unsafe {
-        if !t.arenas.ticking.get() {
-            arm_gc_tick(L, t); // (its finalizer could not arm the next one: out of memory)
-        }
         let ts = thread_scopes(L, t, 0, true).expect("created");
-        let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
-            let mut len = 0usize;
-            let p = ffi::lua_tolstring(L, name_idx, &mut len);
-            t.scope_name(p as usize, std::slice::from_raw_parts(p as *const u8, len))
-        } else {
-            Rc::from("scope")
-        };
-        let parent = t.active_scope();
-        if ts.stack.is_empty() {
-            ts.base = parent.clone();
+        let scope = make_scope(L, t, name_idx, arena, guard);
+        push_scope(t, ts, scope)
+    }
+}
+
+/// Closes the scope `token` of the running thread, and the scopes above it (left open by an
+/// error between their open and the call they guard), and makes the scope it inherits active
+/// again; returns it, or `None` if `token` is not an open scope of the thread. Allocates
+/// nothing, raises nothing.
+///
+/// # Safety
+/// `t` the tracker, `ts` the running thread's record.
+unsafe fn pop_scope(t: &Tracker, ts: &mut ThreadScopes, token: *const Scope) -> Option<Rc<Scope>> {
+    if !ts.stack.iter().any(|s| Rc::as_ptr(s) == token) {
+        return None;
+    }
+    loop {
+        let top = ts.stack.pop().expect("token is below");
+        top.close();
+        if Rc::as_ptr(&top) == token {
+            t.set_active_scope(ts.effective());
+            return Some(top);
         }
-        let scope = Scope::guarded(name, parent, arena, &t.arenas, guard);
-        let token = Rc::as_ptr(&scope);
-        ts.stack.push(scope.clone());
-        t.set_active_scope(Some(scope));
-        token
     }
 }
 
@@ -594,52 +647,249 @@ unsafe fn open_scope(
 /// inherits active again; pushes the scope's stats table if `want_stats`.
 ///
 /// # Safety
-/// `L` valid with 4 free slots, `t` its tracker. Raises if `token` is not the innermost scope
-/// (a bug of this module) or, with `want_stats`, on a memory error (leaking that one scope,
-/// never freeing it early).
+/// `L` valid with 4 free slots, `t` its tracker. Raises if `token` is not an open scope of the
+/// thread (a bug of this module) or, with `want_stats`, on a memory error (leaking that one
+/// scope, never freeing it early).
 unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_stats: bool) {
     // SAFETY: forwarded contract.
     unsafe {
-        let top = match thread_scopes(L, t, 0, false) {
-            Some(ts) if ts.stack.iter().any(|s| Rc::as_ptr(s) == token) => {
-                // Scopes above `token` were left open by an error between their open and the
-                // call they guard (a memory error): they end with it.
-                loop {
-                    let top = ts.stack.pop().expect("token is below");
-                    top.close();
-                    if Rc::as_ptr(&top) == token {
-                        t.set_active_scope(ts.effective());
-                        break top;
-                    }
-                }
-            }
-            _ => raise(L, "lunet.mem: scope closed out of order".into()),
+        let closed = match thread_scopes(L, t, 0, false) {
+            Some(ts) => pop_scope(t, ts, token),
+            None => None,
+        };
+        let Some(scope) = closed else {
+            raise(L, "lunet.mem: scope closed out of order".into())
         };
         if want_stats {
-            let scope = Rc::into_raw(top);
-            push_scope_stats(L, &*scope);
-            drop(Rc::from_raw(scope));
+            push_stats_of(L, scope);
         }
     }
 }
 
-/// `core.scope_open(name, arena, limit, allowance)`: opens a scope in the running thread and
-/// makes it active (`limit`: a budget of net bytes; `allowance`: allocations admitted before
-/// every next one fails, for `mem.fail_after`).
-/// Returns a token (light userdata) for `scope_close`.
-unsafe extern "C-unwind" fn l_scope_open(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua.
+/// Pushes the stats table of `scope` and drops it (a memory error while the table is built
+/// leaks the scope, never frees it early).
+///
+/// # Safety
+/// `L` valid with 3 free slots.
+unsafe fn push_stats_of(L: *mut lua_State, scope: Rc<Scope>) {
+    let scope = Rc::into_raw(scope);
+    // SAFETY: `scope` stays valid (its count is held) while the table is built.
+    unsafe {
+        push_scope_stats(L, &*scope);
+        drop(Rc::from_raw(scope));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mem.scope on LuaJIT (and 5.2): Lua, so that `fn` can yield inside the scope, around four C
+// functions (see src/lua/mem.lua):
+//
+//     local token = scope_prepare(name, arena, limit)    -- the scope, not active yet
+//     return scope_finish(token, on_exit, pcall(run, token, fn, ...))
+//     -- run(token, fn, ...): scope_activate(token); return scope_close_ok(token, fn(...))
+//
+// The scope is active only inside the protected call, so no error can leave it open: whatever
+// fails between the activation and `scope_close_ok` is caught by `pcall`, and `scope_finish`
+// closes what is still open. On LuaJIT nothing between `pcall`'s return and `scope_finish` can
+// be refused by the scope's budget (stack growth and debug hooks are admitted, see
+// `Tracker::scope_for_call`).
+
+/// `core.scope_prepare(name, arena, limit)`: makes the scope a `mem.scope` call will run `fn`
+/// in, kept as the running thread's pending scope until `scope_activate`; returns its token.
+#[cfg(not(c_scope))]
+unsafe extern "C-unwind" fn l_scope_prepare(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; may raise (memory) before anything is pending.
     unsafe {
         let t = check_tracker(L);
         let arena = arena_option(L, 2);
         let guard = Guard {
             limit: count_option(L, 3),
-            allowance: count_option(L, 4),
+            allowance: None,
         };
-        let token = open_scope(L, t, 1, arena, guard);
+        thread_scopes(L, t, 0, true);
+        let scope = make_scope(L, t, 1, arena, guard);
+        let token = Rc::as_ptr(&scope);
+        let ts = thread_scopes(L, t, 0, false).expect("made above");
+        ts.pending = Some(scope); // (drops one that an error kept from starting)
         ffi::lua_pushlightuserdata(L, token as *mut c_void);
     }
     1
+}
+
+/// `core.scope_activate(token)`: the pending scope `token` becomes the running thread's
+/// innermost scope, and the active one. Allocates nothing.
+#[cfg(not(c_scope))]
+unsafe extern "C-unwind" fn l_scope_activate(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let token = ffi::lua_touserdata(L, 1) as *const Scope;
+        if let Some(ts) = thread_scopes(L, t, 0, false) {
+            match ts.pending.take() {
+                Some(scope) if Rc::as_ptr(&scope) == token => {
+                    push_scope(t, ts, scope);
+                    return 0;
+                }
+                other => ts.pending = other,
+            }
+        }
+        raise(L, "lunet.mem: scope_activate without scope_prepare".into())
+    }
+}
+
+/// `core.scope_close_ok(token, ...)`: closes the scope `token` (its stats are kept for
+/// `scope_finish`) and returns `...`. Allocates nothing.
+#[cfg(not(c_scope))]
+unsafe extern "C-unwind" fn l_scope_close_ok(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let token = ffi::lua_touserdata(L, 1) as *const Scope;
+        if let Some(ts) = thread_scopes(L, t, 0, false) {
+            if let Some(scope) = pop_scope(t, ts, token) {
+                ts.closed = Some(scope);
+            }
+        }
+        ffi::lua_gettop(L) - 1
+    }
+}
+
+/// `core.scope_finish(token, on_exit, ok, ...)`: closes the scope `token` if it is still open
+/// (`fn` failed), runs `on_exit(stats)` (its error, after a failure of `fn`, is dropped: `fn`'s
+/// wins), then returns `...` or raises `fn`'s error object unchanged.
+#[cfg(not(c_scope))]
+unsafe extern "C-unwind" fn l_scope_finish(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe { scope_finish_lua(L, true) }
+}
+
+/// `core.scope_end(token, on_exit, ok, ...)`: `scope_finish` that returns `ok, ...` instead of
+/// raising (for the LuaJIT beta guard, which has Lua to run after the scope closed).
+#[cfg(not(c_scope))]
+unsafe extern "C-unwind" fn l_scope_end(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe { scope_finish_lua(L, false) }
+}
+
+/// The body of `scope_finish` (`raise`) and `scope_end`.
+///
+/// # Safety
+/// Called by Lua with the arguments of `scope_finish`.
+#[cfg(not(c_scope))]
+unsafe fn scope_finish_lua(L: *mut lua_State, raise_error: bool) -> c_int {
+    // SAFETY: the scope is closed before anything can allocate or raise.
+    unsafe {
+        let t = check_tracker(L);
+        let token = ffi::lua_touserdata(L, 1) as *const Scope;
+        let ok = ffi::lua_toboolean(L, 3) != 0;
+        let closed = match thread_scopes(L, t, 0, false) {
+            Some(ts) => match ts.closed.take() {
+                Some(scope) if Rc::as_ptr(&scope) == token => Some(scope),
+                other => {
+                    ts.closed = other;
+                    pop_scope(t, ts, token)
+                }
+            },
+            None => None,
+        };
+        if ffi::lua_type(L, 2) != ffi::LUA_TNIL {
+            if let Some(scope) = closed {
+                ffi::luaL_checkstack(L, 4, ptr::null());
+                ffi::lua_pushvalue(L, 2);
+                push_stats_of(L, scope);
+                if ok {
+                    ffi::lua_call(L, 1, 0);
+                } else if ffi::lua_pcall(L, 1, 0, 0) != ffi::LUA_OK {
+                    ffi::lua_pop(L, 1); // fn's error wins over on_exit's
+                }
+            }
+        } else {
+            drop(closed);
+        }
+        if !raise_error {
+            return ffi::lua_gettop(L) - 2;
+        }
+        if ok {
+            return ffi::lua_gettop(L) - 3;
+        }
+        ffi::lua_settop(L, 4);
+        ffi::lua_error(L)
+    }
+}
+
+/// `core.budgeted_scopes()`: the number of budgeted scopes made and not closed.
+unsafe extern "C-unwind" fn l_budgeted_scopes(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let n = check_tracker(L).budgeted_scopes.get();
+        ffi::lua_pushinteger(L, n as ffi::lua_Integer);
+    }
+    1
+}
+
+/// `core.jit_can_switch()`: whether LuaJIT's compiler may be turned on, off or flushed now: not
+/// inside a `__gc` finalizer, where LuaJIT refuses it with an error that 2.1.0-beta3 does not
+/// survive everywhere. (Always true on PUC Lua, which has no compiler to switch.)
+unsafe extern "C-unwind" fn l_jit_can_switch(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        #[cfg(feature = "luajit")]
+        let can = {
+            let t = check_tracker(L);
+            match t.vm.get() {
+                Some(vm) => !vm.in_finalizer(),
+                None => probe_jit_mode(L),
+            }
+        };
+        #[cfg(not(feature = "luajit"))]
+        let can = true;
+        ffi::lua_pushboolean(L, can as c_int);
+    }
+    1
+}
+
+#[cfg(feature = "luajit")]
+extern "C-unwind" {
+    fn luaJIT_setmode(L: *mut lua_State, idx: c_int, mode: c_int) -> c_int;
+}
+
+/// Whether LuaJIT accepts a mode change now: a protected `luaJIT_setmode` with a mode that
+/// does not exist (it changes nothing, but raises inside a `__gc` finalizer).
+///
+/// # Safety
+/// `L` valid with 2 free slots.
+#[cfg(feature = "luajit")]
+unsafe fn probe_jit_mode(L: *mut lua_State) -> bool {
+    unsafe extern "C-unwind" fn probe(L: *mut lua_State) -> c_int {
+        // SAFETY: an unknown mode is refused with 0 after the finalizer check.
+        unsafe { luaJIT_setmode(L, 0, 0xff) };
+        0
+    }
+    // SAFETY: a protected call of `probe`.
+    unsafe {
+        ffi::lua_pushcfunction(L, probe);
+        if ffi::lua_pcall(L, 0, 0, 0) == ffi::LUA_OK {
+            true
+        } else {
+            ffi::lua_pop(L, 1);
+            false
+        }
+    }
+}
+
+/// `core.cpcall(f, ...)`: `pcall` through C, so that `f` cannot yield past it (LuaJIT's `pcall`
+/// lets a coroutine yield across: a check that turned the compiler off must not be left
+/// suspended, or abandoned, with it off).
+unsafe extern "C-unwind" fn l_cpcall(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; `lua_pcall` gets at least the function (checked).
+    unsafe {
+        ffi::luaL_checkany(L, 1);
+        let status = ffi::lua_pcall(L, ffi::lua_gettop(L) - 1, ffi::LUA_MULTRET, 0);
+        ffi::luaL_checkstack(L, 1, ptr::null());
+        ffi::lua_pushboolean(L, (status == ffi::LUA_OK) as c_int);
+        ffi::lua_insert(L, 1);
+        ffi::lua_gettop(L)
+    }
 }
 
 /// Pushes the stats table of `scope`.
@@ -675,19 +925,6 @@ unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
             set_int(L, c"reserved_bytes", a.reserved_bytes.get() as i64);
             ffi::lua_setfield(L, -2, c"arena".as_ptr());
         }
-    }
-}
-
-/// `core.scope_close(token, want_stats)`: closes the running thread's innermost scope, which
-/// must be `token`, and returns its stats table if `want_stats` is true.
-unsafe extern "C-unwind" fn l_scope_close(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua (mem.lua pairs every open with a close in the same thread).
-    unsafe {
-        let t = check_tracker(L);
-        let token = ffi::lua_touserdata(L, 1) as *const Scope;
-        let want_stats = ffi::lua_toboolean(L, 2) != 0;
-        close_scope(L, t, token, want_stats);
-        want_stats as c_int
     }
 }
 
@@ -777,13 +1014,12 @@ pub unsafe fn push_core(L: *mut lua_State) {
         let saved = ffi::lua_gettop(L);
 
         ffi::lua_createtable(L, 0, 24);
-        let functions: [(&CStr, ffi::lua_CFunction); 24] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 21] = [
             (c"fail_run", l_fail_run),
             (c"cp_attach", l_cp_attach),
             (c"cp_attached", l_cp_attached),
             (c"arenas", l_arenas),
             (c"arena_of", l_arena_of),
-            (c"arena_pause", l_arena_pause),
             (c"stats", l_stats),
             (c"reset_peak", l_reset_peak),
             (c"live", l_live),
@@ -792,8 +1028,6 @@ pub unsafe fn push_core(L: *mut lua_State) {
             (c"cp_values", l_cp_values),
             (c"cp_name", l_cp_name),
             (c"is_checkpoint", l_is_checkpoint),
-            (c"scope_open", l_scope_open),
-            (c"scope_close", l_scope_close),
             (c"current", l_current),
             (c"scope_stats", l_scope_stats),
             (c"scope_name", l_scope_name),
@@ -811,6 +1045,25 @@ pub unsafe fn push_core(L: *mut lua_State) {
         {
             ffi::lua_pushcfunction(L, l_make_scope);
             ffi::lua_setfield(L, -2, c"make_scope".as_ptr());
+        }
+        #[cfg(not(c_scope))]
+        for (name, f) in [
+            (c"scope_prepare", l_scope_prepare as ffi::lua_CFunction),
+            (c"scope_activate", l_scope_activate),
+            (c"scope_close_ok", l_scope_close_ok),
+            (c"scope_finish", l_scope_finish),
+            (c"scope_end", l_scope_end),
+        ] {
+            ffi::lua_pushcfunction(L, f);
+            ffi::lua_setfield(L, -2, name.as_ptr());
+        }
+        for (name, f) in [
+            (c"budgeted_scopes", l_budgeted_scopes as ffi::lua_CFunction),
+            (c"jit_can_switch", l_jit_can_switch),
+            (c"cpcall", l_cpcall),
+        ] {
+            ffi::lua_pushcfunction(L, f);
+            ffi::lua_setfield(L, -2, name.as_ptr());
         }
         crate::trace::push_functions(L); // core.trace_* (src/trace.rs)
         crate::coroutine::push_functions(L); // core.co_* (src/coroutine.rs)
@@ -906,53 +1159,61 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
     1
 }
 
-/// `core.fail_run(n, fn, ...)`: `mem.fail_after`'s run, in C so that nothing can allocate
-/// between the end of the protected call and the close of its scope (a Lua frame in between
-/// may need to grow the stack, which the exhausted allowance would refuse). Opens a scope that
-/// admits `n` allocations, calls `fn(...)` in protected mode, closes the scope, and returns
-/// `true, results...` or `false, err`.
+/// `core.fail_run(n, sync, fn, ...)`: `mem.fail_after`'s run, in C so that nothing can allocate
+/// between the end of the protected call and the close of its scope (a Lua frame in between may
+/// need to grow the stack, which the exhausted allowance would refuse). Makes a scope that admits
+/// `n` allocations, calls `sync()` (if a function: mem.lua's LuaJIT compiler switch) before the
+/// scope is active and again once it is closed, both protected, calls `fn(...)` in protected
+/// mode inside the scope, and returns `true, results...` or `false, err`.
 unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua with an integer and a callable (checked by mem.lua). Nothing with a
-    // destructor is alive when a call may raise; between the protected call and the close of
-    // the scope nothing allocates.
+    // SAFETY: called by Lua. Nothing with a destructor is alive when a call may raise; between
+    // the protected call and the close of the scope nothing allocates.
     unsafe {
         let t = check_tracker(L);
-        let nargs = ffi::lua_gettop(L) - 2;
+        let n = ffi::luaL_checknumber(L, 1).clamp(0.0, u64::MAX as f64) as u64;
+        ffi::luaL_checkany(L, 3);
+        let nargs = ffi::lua_gettop(L) - 3;
         ffi::luaL_checkstack(L, 8, c"too many arguments".as_ptr());
-        let n = ffi::lua_tonumber(L, 1).clamp(0.0, u64::MAX as f64) as u64;
+        let sync = ffi::lua_type(L, 2) == ffi::LUA_TFUNCTION;
         ffi::lua_pushstring(L, c"fail_after".as_ptr());
         ffi::lua_replace(L, 1); // the name, at 1
         let guard = Guard {
             limit: None,
             allowance: Some(n),
         };
-        let token = open_scope(L, t, 1, None, guard);
+        let ts = thread_scopes(L, t, 0, true).expect("created");
+        let scope = make_scope(L, t, 1, None, guard);
+        if sync {
+            call_protected(L, 2);
+        }
+        let token = push_scope(t, ts, scope);
         let status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
         close_scope(L, t, token, false);
-        // the stack: name, then fn's results or its error (the scope is closed: growing the
-        // stack for one more slot may allocate now)
+        if sync {
+            call_protected(L, 2);
+        }
+        // the stack: name, sync, then fn's results or its error (the scope is closed: growing
+        // the stack for one more slot may allocate now)
         ffi::luaL_checkstack(L, 1, c"too many results".as_ptr());
         ffi::lua_pushboolean(L, (status == ffi::LUA_OK) as c_int);
-        ffi::lua_replace(L, 1);
+        ffi::lua_replace(L, 2);
+        ffi::lua_remove(L, 1);
         ffi::lua_gettop(L)
     }
 }
 
-/// `core.arena_pause(on)`: while on, new blocks are not placed in arenas (LuaJIT's trace
-/// events turn it on while a trace is recorded and compiled; see mem.lua).
-unsafe extern "C-unwind" fn l_arena_pause(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua.
+/// Calls the function at `idx` with no arguments in protected mode, dropping its error.
+///
+/// # Safety
+/// `L` valid with 2 free slots, a function at `idx`.
+unsafe fn call_protected(L: *mut lua_State, idx: c_int) {
+    // SAFETY: valid state.
     unsafe {
-        let t = check_tracker(L);
-        let recording = ffi::lua_toboolean(L, 1) != 0;
-        if recording && !t.arenas.paused.get() {
-            if let Some(scope) = t.active_scope() {
-                scope.count_trace();
-            }
+        ffi::lua_pushvalue(L, idx);
+        if ffi::lua_pcall(L, 0, 0, 0) != ffi::LUA_OK {
+            ffi::lua_pop(L, 1);
         }
-        t.arenas.paused.set(recording);
     }
-    0
 }
 
 /// Registry key of the metatable of the GC cycle counter.
@@ -963,14 +1224,21 @@ const GC_TICK_MT: &CStr = c"lunet.mem.gc_tick";
 /// # Safety
 /// `L` valid with 2 free slots, the metatable registered. May raise (memory).
 unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
-    // SAFETY: valid state.
+    // SAFETY: valid state; the metatable's type is checked (the registry is reachable from Lua).
     unsafe {
+        let was = t.exempt.replace(true); // (the module's bookkeeping)
         ffi::lua_newuserdata(L, 0);
         ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
-        ffi::lua_setmetatable(L, -2);
+        let armed = ffi::lua_type(L, -1) == ffi::LUA_TTABLE;
+        if armed {
+            ffi::lua_setmetatable(L, -2);
+        } else {
+            ffi::lua_pop(L, 1);
+        }
         ffi::lua_pop(L, 1);
+        t.exempt.set(was);
+        t.arenas.ticking.set(armed);
     }
-    t.arenas.ticking.set(true);
 }
 
 /// Finalizer of the GC cycle counter: a cycle ended (the counter was unreachable in it); counts
@@ -985,12 +1253,9 @@ unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
             t.arenas.ticking.set(false);
             if t.closing.get().is_null() {
                 ffi::luaL_checkstack(L, 2, ptr::null());
-                // The new counter is nobody's: not counted for (nor placed in the arena of) the
-                // scope that happens to be active during the collection.
-                let active = t.active_scope();
-                t.set_active_scope(None);
+                // (The new counter is nobody's: not counted for, nor placed in the arena of,
+                // the scope that happens to be active during the collection.)
                 arm_gc_tick(L, t);
-                t.set_active_scope(active);
             }
         }
     }

@@ -47,6 +47,10 @@ pub struct Scope {
     /// Whether this scope or one it was opened in has a limit or an allowance: the hook checks
     /// budgets only then.
     guarded: bool,
+    /// The count of open budgeted scopes this scope is counted in until it closes (see
+    /// [`Scope::count_in`]), or null. Invariant: the count outlives the scope (it is a field
+    /// of the tracker, which outlives every scope of its state).
+    counted_in: Cell<*const Cell<u32>>,
 }
 
 /// What a scope bounds, if anything.
@@ -127,6 +131,7 @@ impl Scope {
                 .map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64),
             allowance: Cell::new(guard.allowance.unwrap_or(u64::MAX)),
             guarded,
+            counted_in: Cell::new(ptr::null()),
         }
     }
 
@@ -181,10 +186,31 @@ impl Scope {
         self.owns_arena.then(|| unsafe { &*self.arena })
     }
 
+    /// Whether the scope has a limit or an allowance of its own.
+    pub fn has_budget(&self) -> bool {
+        self.limit != i64::MAX || self.allowance.get() != u64::MAX
+    }
+
+    /// Counts the scope in `open` (the tracker's count of open budgeted scopes) until it closes.
+    ///
+    /// # Safety
+    /// `open` outlives the scope.
+    pub unsafe fn count_in(&self, open: &Cell<u32>) {
+        open.set(open.get() + 1);
+        self.counted_in.set(open);
+    }
+
     /// Ends the scope: its counters stop, and its own arena takes no more blocks (it is
-    /// reclaimed once the collector has freed every block in it).
+    /// reclaimed once the collector has freed every block in it). Once.
     pub fn close(&self) {
-        self.closed.set(true);
+        if self.closed.replace(true) {
+            return;
+        }
+        let open = self.counted_in.replace(ptr::null());
+        if !open.is_null() {
+            // SAFETY: the count outlives the scope (see `counted_in`).
+            unsafe { (*open).set((*open).get() - 1) };
+        }
         if self.owns_arena {
             // SAFETY: the scope is a user of its arena.
             unsafe { Arena::end(self.arena) };
@@ -268,10 +294,10 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
+        // A scope dropped without closing (its coroutine was collected while suspended in it,
+        // or an error kept it from starting) ends now: its arena, its budget count.
+        self.close();
         if !self.arena.is_null() {
-            // A scope dropped without closing (its coroutine was collected while suspended in
-            // it): its arena ends now.
-            self.close();
             // SAFETY: the scope was one of the arena's users.
             unsafe { Arena::drop_user(self.arena) };
         }
@@ -284,6 +310,10 @@ impl Drop for Scope {
 pub struct ThreadScopes {
     pub stack: Vec<Rc<Scope>>,
     pub base: Option<Rc<Scope>>,
+    /// LuaJIT's `mem.scope`: the scope made for a call, until it becomes active.
+    pub pending: Option<Rc<Scope>>,
+    /// LuaJIT's `mem.scope`: the scope that `fn`'s return closed, until its stats are read.
+    pub closed: Option<Rc<Scope>>,
 }
 
 impl ThreadScopes {

@@ -24,11 +24,14 @@
 //! Phases:
 //! - The collector runs finalizers as ordinary calls on the running thread: consistent stacks.
 //! - LuaJIT: compiled code neither keeps `L->base` nor frames up to date (a trace inlines calls
-//!   and writes frames back only when it exits), so `mem.trace.start` turns the compiler off
-//!   and flushes the traces (`stop` turns it back on). If code turns it on again, the trace
-//!   events (`src/lua/mem.lua`) mark the tracer `jit_code` from the first trace on, and
-//!   allocations are recorded under `(JIT-compiled code)` without reading a stack, until the
-//!   traces are flushed.
+//!   and writes frames back only when it exits), and a fast function may overwrite its own
+//!   frame's function slot with a result before it allocates. The tracer reads LuaJIT's VM state
+//!   (`crate::luajit`): it reads a stack only in the interpreter or a C function, from the VM's
+//!   current thread, skipping frames whose function slot holds no function; allocations of
+//!   compiled code, of the trace compiler and of the collector are recorded under
+//!   `(JIT-compiled code)`, `(JIT compiler)` and `(garbage collector)`. `mem.trace.start` turns
+//!   the compiler off and flushes the traces (`stop` turns it back on), so that code is
+//!   interpreted and its sites read.
 //! - A thread whose block is freed while it is the running one (resumed by a path that does not
 //!   go through the wrappers, then collected) is forgotten: the main thread (or no thread,
 //!   `(unknown thread)`) takes its place.
@@ -55,6 +58,12 @@ use mlua::ffi::{self, lua_State};
 
 use crate::hook::Tracker;
 use crate::state;
+
+/// What the tracer knows of the VM: LuaJIT's checked view of its own state, if any.
+#[cfg(feature = "luajit")]
+type Vm = Option<crate::luajit::Vm>;
+#[cfg(not(feature = "luajit"))]
+type Vm = ();
 
 /// Deepest traceback recorded (`opts.depth`).
 pub const MAX_DEPTH: usize = 64;
@@ -591,8 +600,6 @@ pub struct Trace {
     running: Cell<*mut lua_State>,
     /// The main thread if known (always on 5.2+), else null.
     main: Cell<*mut lua_State>,
-    /// LuaJIT has compiled code that may run: stacks are not read.
-    jit_code: Cell<bool>,
     /// Set while the recorder is borrowed (see [`Busy`]): the hook leaves it alone then.
     busy: Cell<bool>,
     /// Set while the tracer builds its own Lua objects (snapshots, `top` lists): new blocks are
@@ -608,7 +615,6 @@ impl Default for Trace {
             on: Cell::new(false),
             running: Cell::new(ptr::null_mut()),
             main: Cell::new(ptr::null_mut()),
-            jit_code: Cell::new(false),
             busy: Cell::new(false),
             paused: Cell::new(false),
             recorder: UnsafeCell::new(None),
@@ -682,13 +688,30 @@ impl Trace {
     ///
     /// # Safety
     /// Called from the hook for a new block, with `busy` held; `running` per its invariant.
-    unsafe fn capture(&self, rec: &mut Recorder) -> u32 {
-        let L = self.running.get();
+    unsafe fn capture(&self, rec: &mut Recorder, vm: Vm) -> u32 {
+        // LuaJIT: only the interpreter and C functions keep frames a reader can follow; the
+        // running thread is the VM's own idea of it (see `crate::luajit`).
+        #[cfg(feature = "luajit")]
+        let L = {
+            use crate::luajit::Doing;
+            let Some(vm) = vm else {
+                return rec.special_site("(unknown LuaJIT layout)");
+            };
+            match vm.doing() {
+                Doing::Running => vm.current_thread(),
+                Doing::Collecting => return rec.special_site("(garbage collector)"),
+                Doing::Compiled => return rec.special_site("(JIT-compiled code)"),
+                Doing::Compiling => return rec.special_site("(JIT compiler)"),
+            }
+        };
+        #[cfg(not(feature = "luajit"))]
+        let L = {
+            #[allow(clippy::let_unit_value)]
+            let () = vm;
+            self.running.get()
+        };
         if L.is_null() {
             return rec.special_site("(unknown thread)");
-        }
-        if self.jit_code.get() {
-            return rec.special_site("(JIT-compiled code)");
         }
         const WHAT: &CStr = if cfg!(feature = "lua51") {
             c"Sl"
@@ -697,15 +720,24 @@ impl Trace {
         };
         let mut ids = [0u32; MAX_DEPTH];
         let mut n = 0;
+        let mut level = 0;
         // SAFETY: lua_Debug is plain data; zero is a valid starting value.
         let mut ar: ffi::lua_Debug = unsafe { mem::zeroed() };
         while n < rec.depth {
-            // SAFETY: `L` is a live thread (invariant of `running`); neither call allocates
-            // nor calls into Lua with these options (see the module doc).
+            // SAFETY: `L` is a live thread (invariant of `running`, or LuaJIT's current one);
+            // neither call allocates nor calls into Lua with these options (see the module
+            // doc); on LuaJIT a frame whose function slot holds no function (a fast function
+            // that wrote a result there) is skipped, not read.
             unsafe {
-                if ffi::lua_getstack(L, n as c_int, &mut ar) == 0
-                    || ffi::lua_getinfo(L, WHAT.as_ptr(), &mut ar) == 0
-                {
+                if ffi::lua_getstack(L, level, &mut ar) == 0 {
+                    break;
+                }
+                level += 1;
+                #[cfg(feature = "luajit")]
+                if !crate::luajit::frame_has_function(L, &ar) {
+                    continue;
+                }
+                if ffi::lua_getinfo(L, WHAT.as_ptr(), &mut ar) == 0 {
                     break;
                 }
                 ar.name = if cfg!(feature = "lua51") {
@@ -727,7 +759,7 @@ impl Trace {
     ///
     /// # Safety
     /// Called from the hook, before the block is served.
-    unsafe fn before_new(&self, nsize: usize) -> Option<u32> {
+    unsafe fn before_new(&self, nsize: usize, vm: Vm) -> Option<u32> {
         if self.paused.get() {
             return None;
         }
@@ -737,7 +769,7 @@ impl Trace {
             return None;
         }
         // SAFETY: forwarded.
-        Some(unsafe { self.capture(rec) })
+        Some(unsafe { self.capture(rec, vm) })
     }
 
     fn after_new(&self, block: *mut c_void, nsize: usize, site: u32) {
@@ -791,8 +823,12 @@ pub unsafe fn traced<const MIMALLOC: bool>(
     // are updated after; a free may end the tracker, so its record goes first.
     unsafe {
         if block.is_null() {
+            #[cfg(feature = "luajit")]
+            let vm = t.vm.get();
+            #[cfg(not(feature = "luajit"))]
+            let vm = ();
             let site = if nsize > 0 {
-                t.trace.before_new(nsize)
+                t.trace.before_new(nsize, vm)
             } else {
                 None
             };
@@ -883,8 +919,14 @@ unsafe extern "C-unwind" fn l_start(L: *mut lua_State) -> c_int {
         }
         let depth = ffi::lua_tointeger(L, 1).clamp(1, MAX_DEPTH as _) as usize;
         let sample = ffi::lua_tointeger(L, 2).max(0) as u64;
+        #[cfg(feature = "luajit")]
+        if t.vm.get().is_none() {
+            return fail(
+                L,
+                "mem.trace cannot read this LuaJIT's stacks safely (unknown internal layout)",
+            );
+        }
         let main = main_thread(L);
-        t.trace.jit_code.set(false);
         t.trace.paused.set(false);
         t.trace.start(L, main, depth, sample);
         crate::hook::set_traced(L, true);
@@ -913,26 +955,6 @@ unsafe extern "C-unwind" fn l_is_on(L: *mut lua_State) -> c_int {
         ffi::lua_pushboolean(L, on as c_int);
     }
     1
-}
-
-/// `core.trace_jit(event)`: LuaJIT trace events ("start" makes compiled code possible, "flush"
-/// removes it).
-unsafe extern "C-unwind" fn l_jit(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua.
-    unsafe {
-        if let Some(t) = tracker_of(L) {
-            let mut len = 0;
-            let s = ffi::lua_tolstring(L, 1, &mut len);
-            if !s.is_null() {
-                match std::slice::from_raw_parts(s as *const u8, len) {
-                    b"start" => t.trace.jit_code.set(true),
-                    b"flush" => t.trace.jit_code.set(false),
-                    _ => {}
-                }
-            }
-        }
-    }
-    0
 }
 
 /// `core.trace_snapshot()`: a snapshot userdata, or `nil, msg` when not tracing.
@@ -1183,12 +1205,11 @@ unsafe extern "C-unwind" fn l_site_of(L: *mut lua_State) -> c_int {
 pub unsafe fn push_functions(L: *mut lua_State) {
     // SAFETY: valid state, table on top.
     unsafe {
-        let functions: [(&CStr, ffi::lua_CFunction); 10] = [
+        let functions: [(&CStr, ffi::lua_CFunction); 9] = [
             (c"trace_site_of", l_site_of),
             (c"trace_start", l_start),
             (c"trace_stop", l_stop),
             (c"trace_is_on", l_is_on),
-            (c"trace_jit", l_jit),
             (c"trace_snapshot", l_snapshot),
             (c"trace_is_snapshot", l_is_snapshot),
             (c"trace_top", l_top),

@@ -10,8 +10,9 @@ local getmetatable = (rawget(_G, "debug") and debug.getmetatable) or getmetatabl
 local getinfo = rawget(_G, "debug") and debug.getinfo
 local jit = rawget(_G, "jit")
 local jit_flush = type(jit) == "table" and jit.flush or nil
+local jit_can_switch = core.jit_can_switch
 
-local live, open, close = core.live, core.scope_open, core.scope_close
+local live = core.live
 local VERSION = core.version()
 
 local M = {
@@ -127,7 +128,7 @@ end
 local stretch = core.stretch
 local switch_mode = VERSION == "lua54" or VERSION == "lua55"
 local function settle_now()
-  if jit_flush then jit_flush() end
+  if jit_flush and jit_can_switch() then jit_flush() end
   local mode = switch_mode and collectgarbage("incremental")
   stretch()
   collectgarbage("collect")
@@ -372,12 +373,18 @@ local function judge(fn, opts, fname, level)
   return false, report .. who_holds(fn)
 end
 
+-- LuaJIT's compiler: switched only where LuaJIT allows it (not inside a `__gc` finalizer, where
+-- LuaJIT 2.1.0-beta3 does not survive the error it raises).
+local jit_status, jit_on, jit_off = nil, nil, nil
+if type(jit) == "table" then jit_status, jit_on, jit_off = jit.status, jit.on, jit.off end
+
 -- On LuaJIT the check runs with the JIT compiler off and its traces flushed, and the compiler's
 -- state is restored afterwards, whatever happens. What the trace recorder allocates is real
 -- memory, but it belongs to the JIT, it grows when new code gets hot (late, too), and a leak is
--- a matter of what the program keeps reachable, which compiled code does not change.
-local jit_status, jit_on, jit_off = nil, nil, nil
-if type(jit) == "table" then jit_status, jit_on, jit_off = jit.status, jit.on, jit.off end
+-- a matter of what the program keeps reachable, which compiled code does not change. The check
+-- runs through C (`core.cpcall`): a `fn` that yields cannot leave it suspended with the compiler
+-- off.
+local cpcall = core.cpcall
 
 local function restore_jit(was_on, ok, ...)
   if was_on then jit_on() end
@@ -391,12 +398,12 @@ local function judge_without_jit(fn, opts, fname)
     local ok, report = judge(fn, opts, fname, 3)
     return ok, report
   end
-  local was_on = jit_status()
+  local was_on = jit_can_switch() and jit_status()
   if was_on then
     jit_off()
     jit_flush()
   end
-  local ok, report = restore_jit(was_on, pcall(judge, fn, opts, fname, 4))
+  local ok, report = restore_jit(was_on, cpcall(judge, fn, opts, fname, 4))
   return ok, report
 end
 
@@ -414,7 +421,6 @@ end
 -- Scopes ----------------------------------------------------------------------------------------
 
 local SCOPE_OPTS = { name = true, on_exit = true, arena = true, limit = true }
-local YIELD_ERROR = "attempt to yield across metamethod/C-call boundary"
 
 -- Default scope names, computed once per function.
 local names = setmetatable({}, { __mode = "k" })
@@ -427,99 +433,9 @@ local function default_name(fn)
   return name
 end
 
--- Closes the scope, runs `on_exit`, then returns the results of `fn` or raises its error object
--- unchanged.
--- (the part of `finish` after the scope is closed)
-local function after_close(stats, on_exit, ok, ...)
-  if ok then
-    if on_exit then on_exit(stats) end
-    return ...
-  end
-  if on_exit then pcall(on_exit, stats) end
-  local err = ...
-  if VERSION == "lua51" and err == YIELD_ERROR then
-    err = YIELD_ERROR .. " (Lua 5.1 cannot yield inside mem.scope; use LuaJIT or Lua 5.2+)"
-  end
-  error(err, 0)
-end
-
-local function finish(token, on_exit, ok, ...)
-  return after_close(close(token, on_exit ~= nil), on_exit, ok, ...)
-end
-
-local function pass(...) return ... end
-
--- The forms with a name or options. (`fn` is a named parameter rather than taken with
--- `select(2, ...)`: Debian's LuaJIT 2.1.0-beta3 miscompiled that form inside pcall, calling the
--- scope's function with wrong arguments.)
--- Debian's LuaJIT 2.1.0-beta3 (and the 2.1 betas before the 2023 fixes of LuaJIT issues #906 and
--- #1034) can crash when an allocation fails while compiled code runs: a budget or fail_after that
--- runs out inside a loop compiled meanwhile did. While a scope with a budget (or fail_after) is
--- open there, the compiler is off: it is turned off when the first such scope opens and on again
--- when the last one ends (if it was on). A scope abandoned in a collected coroutine leaves it off.
-local OOM_UNSAFE_JIT = type(jit) == "table" and type(jit.version) == "string"
-  and jit.version:match("^LuaJIT 2%.[01]%.0%-beta") ~= nil
-local guarded_open, guarded_jit_was_on = 0, false
-
-local function guard_jit()
-  guarded_open = guarded_open + 1
-  if guarded_open == 1 then
-    guarded_jit_was_on = jit_status() and true or false
-    if guarded_jit_was_on then jit_off() end
-  end
-end
-
--- Ends a guarded run (after its scope is closed: nothing can fail any more); returns `...`.
-local function unguard_jit(...)
-  guarded_open = guarded_open - 1
-  if guarded_open == 0 and guarded_jit_was_on then
-    guarded_jit_was_on = false
-    jit_on()
-  end
-  return ...
-end
-
--- `finish` for a guarded scope: the compiler comes back once the scope is closed.
-local function finish_guarded(token, on_exit, ok, ...)
-  local stats = close(token, on_exit ~= nil)
-  unguard_jit()
-  return after_close(stats, on_exit, ok, ...)
-end
-
-local function scope_named(a, fn, ...)
-  if type(a) == "string" then
-    if not is_callable(fn) then
-      argerror(2, "scope", "function expected, got " .. typename(fn), 3)
-    end
-    return finish(open(a), nil, pcall(fn, ...))
-  end
-  check_opts(a, 1, "scope", SCOPE_OPTS, 3)
-  if not is_callable(fn) then
-    argerror(2, "scope", "function expected, got " .. typename(fn), 3)
-  end
-  if OOM_UNSAFE_JIT and a.limit then
-    guard_jit()
-    return finish_guarded(open(a.name or default_name(fn), arena_arg(a.arena), a.limit),
-      a.on_exit, pcall(fn, ...))
-  end
-  return finish(open(a.name or default_name(fn), arena_arg(a.arena), a.limit), a.on_exit,
-    pcall(fn, ...))
-end
-
-function M.scope(a, ...)
-  local ta = type(a)
-  if ta == "function" then
-    return finish(open(default_name(a)), nil, pcall(a, ...))
-  elseif ta == "string" or (ta == "table" and not is_callable(a)) then
-    return pass(scope_named(a, ...)) -- (not a tail call: error levels count scope_named)
-  elseif is_callable(a) then
-    return finish(open(default_name(a)), nil, pcall(a, ...))
-  end
-  argerror(1, "scope", "function expected, got " .. typename(a), 2)
-end
-
--- On PUC Lua (but 5.2) mem.scope is C (src/lua_api.rs, `l_scope`); this checks the arguments of
--- its general forms and returns `name, on_exit, index of fn`.
+-- Checks the arguments of mem.scope's general forms and returns `name, on_exit, arena, limit,
+-- index of fn`. (On PUC Lua but 5.2, mem.scope is C, src/lua_api.rs `l_scope`, which calls this
+-- for the forms it does not recognize at sight.)
 local function prepare(a, b)
   local ta = type(a)
   if ta == "string" then
@@ -538,7 +454,76 @@ local function prepare(a, b)
   end
   argerror(1, "scope", "function expected, got " .. typename(a), 3)
 end
-if core.make_scope then M.scope = core.make_scope(prepare, names) end
+
+-- Debian's LuaJIT 2.1.0-beta3 (and the 2.1 betas before the 2023 fixes of LuaJIT issues #906 and
+-- #1034) can crash when an allocation fails while compiled code runs. There, budgets admit what
+-- compiled code allocates and fail the interpreter's next allocation (src/hook.rs), and while a
+-- budgeted scope (or fail_after) is open the compiler is off, so that a loop that gets hot
+-- inside the budget cannot run far past it compiled: it is turned off when the first one opens
+-- and on again when the last one is closed (if it was on). `sync_jit` makes the compiler's state
+-- follow the module's count of open budgeted scopes, so a scope abandoned in a collected
+-- coroutine, or an error between two calls, is made up for at the next call.
+local OOM_UNSAFE_JIT = type(jit) == "table" and type(jit.version) == "string"
+  and jit.version:match("^LuaJIT 2%.[01]%.0%-beta") ~= nil
+local budgeted_scopes = core.budgeted_scopes
+local jit_guard_off, jit_guard_was_on = false, false
+
+local function sync_jit()
+  local want_off = budgeted_scopes() > 0
+  if want_off == jit_guard_off or not jit_can_switch() then return end
+  if want_off then
+    jit_guard_was_on = jit_status() and true or false
+    if jit_guard_was_on then jit_off() end
+  elseif jit_guard_was_on then
+    jit_on()
+  end
+  jit_guard_off = want_off
+end
+
+-- Returns `...` (after `ok`) or raises the error object, once the compiler follows the count.
+local function synced(ok, ...)
+  sync_jit()
+  if ok then return ... end
+  error((...), 0)
+end
+
+if core.make_scope then
+  M.scope = core.make_scope(prepare, names)
+else
+  -- LuaJIT (and 5.2): Lua, so that `fn` can yield inside the scope (LuaJIT yields across its
+  -- own `pcall`, not across a C function). The scope is active only inside the protected call
+  -- (src/lua_api.rs, "mem.scope on LuaJIT").
+  local scope_prepare, scope_activate = core.scope_prepare, core.scope_activate
+  local scope_close_ok, scope_finish, scope_end = core.scope_close_ok, core.scope_finish,
+    core.scope_end
+
+  local function run(token, fn, ...)
+    scope_activate(token)
+    return scope_close_ok(token, fn(...))
+  end
+
+  -- (`fn` is a named parameter rather than taken with `select(2, ...)`: Debian's LuaJIT
+  -- 2.1.0-beta3 miscompiled that form inside pcall, calling the scope's function with wrong
+  -- arguments.)
+  local function scope_with(name, on_exit, arena, limit, fn, ...)
+    local token = scope_prepare(name, arena, limit)
+    if OOM_UNSAFE_JIT and limit then
+      sync_jit()
+      return synced(scope_end(token, on_exit, pcall(run, token, fn, ...)))
+    end
+    return scope_finish(token, on_exit, pcall(run, token, fn, ...))
+  end
+
+  function M.scope(a, ...)
+    if type(a) == "function" then
+      local token = scope_prepare(default_name(a))
+      return scope_finish(token, nil, pcall(run, token, a, ...))
+    end
+    local name, on_exit, arena, limit, at = prepare(a, (...))
+    if at == 1 then return scope_with(name, on_exit, arena, limit, a, ...) end
+    return scope_with(name, on_exit, arena, limit, ...)
+  end
+end
 
 -- Failure injection (Lua's testes/memerr.lua style) ---------------------------------------------
 
@@ -556,30 +541,13 @@ function M.fail_after(n, fn, ...)
   if not is_callable(fn) then
     argerror(2, "fail_after", "function expected, got " .. typename(fn), 2)
   end
-  if OOM_UNSAFE_JIT then
-    guard_jit()
-    return unguard_jit(fail_run(n, fn, ...))
-  end
-  return fail_run(n, fn, ...)
+  return fail_run(n, OOM_UNSAFE_JIT and sync_jit, fn, ...)
 end
 
 local SCOPE_METHODS = { stats = core.scope_stats }
 local scope_mt = object_class(core.scope_mt, core.scope_name, SCOPE_METHODS)
 scope_mt.__tostring = function(scope)
   return format('scope "%s"', core.scope_name(scope))
-end
-
--- LuaJIT: what the JIT allocates while it records and compiles a trace (the trace, its IR and
--- snapshots) lives as long as the trace; placed in a request's arena it would pin the arena.
--- Arenas take no block from the start of a trace until it stops or aborts.
-if jit and jit.attach and not core.saved.trace_events then
-  local arena_pause = core.arena_pause
-  local trace_jit = core.trace_jit
-  core.saved.trace_events = function(what)
-    arena_pause(what == "start")
-    trace_jit(what) -- mem.trace: compiled code may run from the first trace on
-  end
-  jit.attach(core.saved.trace_events, "trace")
 end
 
 -- Coroutines: the active scope follows resume, wrap, yield and close ------------------------
@@ -629,7 +597,7 @@ do
   function trace.start(opts)
     check_opts(opts, 1, "start", TRACE_OPTS, 2)
     if core.trace_is_on() then return false end
-    if jit_status and jit_status() then
+    if jit_status and jit_can_switch() and jit_status() then
       jit_was_on = true
       jit_off()
       jit_flush()
@@ -639,7 +607,7 @@ do
 
   function trace.stop()
     core.trace_stop()
-    if jit_was_on then
+    if jit_was_on and jit_can_switch() then
       jit_was_on = nil
       jit_on()
     end

@@ -1,0 +1,220 @@
+//! What LuaJIT is doing when it calls the allocator: a few fields of its own structures.
+//!
+//! LuaJIT's C API cannot say whether an allocation comes from the interpreter, from compiled
+//! code, from the trace compiler or from the collector, nor whether a `__gc` finalizer or a
+//! debug hook is running; the module needs all of it:
+//!
+//! - the trace compiler's own memory (`vmstate` is `RECORD`, `OPT` or `ASM`) belongs to no
+//!   request: it is not charged to the active scope, never refused by its budget, never placed
+//!   in its arena (which it would pin until the trace is flushed);
+//! - an allocation that fails in compiled code crashes LuaJIT 2.1.0-beta3: there, budgets admit
+//!   it and fail the next allocation the interpreter makes;
+//! - `mem.trace` reads the Lua stack only where its frames are consistent, and checks each
+//!   frame's function slot first (a fast function may have overwritten it with a result, as
+//!   `coroutine.resume` does with `false` before it allocates its error message);
+//! - toggling or flushing the JIT from a `__gc` finalizer (`hookmask & HOOK_GC`) crashes beta3.
+//!
+//! The fields are read through the layout of LuaJIT 2.1 since 2020 on 64-bit targets with GC64
+//! (Debian's 2.1.0-beta3 snapshot of 2022 and every later 2.1), and only after [`Vm::find`] has
+//! checked it against the running VM: the allocator and its data at the start of the global
+//! state, the VM state "C function" while a C function runs, the current thread being the
+//! caller, and the main thread pointing back to the global state. On any other layout the
+//! module does without (see each caller's fallback).
+
+use std::ffi::c_void;
+use std::ptr;
+
+use mlua::ffi::{self, lua_State};
+
+/// `lua_State` fields (GC64): the global state, the current frame's base, the stack.
+const L_GLREF: usize = 16;
+const L_BASE: usize = 32;
+const L_TOP: usize = 40;
+const L_STACK: usize = 56;
+
+/// `global_State` fields: allocator and data, hook mask, VM state, main thread.
+const G_ALLOCF: usize = 0;
+const G_ALLOCD: usize = 8;
+const G_HOOKMASK: usize = 145;
+const G_VMSTATE: usize = 184;
+const G_MAINTHREF: usize = 192;
+/// `cur_L`: before 2023 (no `vmthref`) and since.
+const G_CUR_L: [usize; 2] = [368, 376];
+
+/// `~vmstate` values (`LJ_VMST_*`); a `vmstate` of 0 or more is the number of the running trace.
+pub const VMST_INTERP: i32 = !0;
+pub const VMST_C: i32 = !1;
+pub const VMST_GC: i32 = !2;
+pub const VMST_EXIT: i32 = !3;
+pub const VMST_RECORD: i32 = !4;
+pub const VMST_OPT: i32 = !5;
+pub const VMST_ASM: i32 = !6;
+
+/// `hookmask` bits.
+const HOOK_ACTIVE: u8 = 0x10;
+const HOOK_GC: u8 = 0x40;
+
+/// `itype` of a function value and `gct` of a function object (GC64).
+const LJ_TFUNC: u32 = !8;
+const GCT_FUNC: u8 = 8;
+
+/// A checked view of one LuaJIT VM's global state.
+#[derive(Clone, Copy)]
+pub struct Vm {
+    g: *const u8,
+    cur_l: usize,
+}
+
+/// What the VM is doing, as the allocator sees it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Doing {
+    /// The interpreter or a C function: frames are consistent.
+    Running,
+    /// The collector's own work (not a finalizer, which runs as interpreted code).
+    Collecting,
+    /// Compiled code, or the exit from it that rebuilds the frames.
+    Compiled,
+    /// The trace compiler (recording, optimizing, assembling).
+    Compiling,
+}
+
+impl Vm {
+    /// The VM of `L`, if its layout is the one this module knows.
+    ///
+    /// # Safety
+    /// `L` a valid state, called from a C function that Lua called (the VM state is "C").
+    pub unsafe fn find(L: *mut lua_State) -> Option<Vm> {
+        // SAFETY: every read is inside a `lua_State` or `global_State` (both larger than the
+        // offsets read) once the first check passed; each field read is checked against what
+        // the C API says.
+        unsafe {
+            let mut ud: *mut c_void = ptr::null_mut();
+            let allocf = ffi::lua_getallocf(L, &mut ud);
+            let g = read::<*const u8>(L as *const u8, L_GLREF);
+            if g.is_null()
+                || read::<usize>(g, G_ALLOCF) != allocf as usize
+                || read::<*mut c_void>(g, G_ALLOCD) != ud
+                || read::<i32>(g, G_VMSTATE) != VMST_C
+            {
+                return None;
+            }
+            let main = read::<*const u8>(g, G_MAINTHREF);
+            if main.is_null() || read::<*const u8>(main, L_GLREF) != g {
+                return None;
+            }
+            let cur_l = *G_CUR_L
+                .iter()
+                .find(|&&off| read::<*mut lua_State>(g, off) == L)?;
+            let base = read::<usize>(L as *const u8, L_BASE);
+            let top = read::<usize>(L as *const u8, L_TOP);
+            if top < base || (top - base) / 8 != ffi::lua_gettop(L) as usize {
+                return None;
+            }
+            Some(Vm { g, cur_l })
+        }
+    }
+
+    /// The VM state (`g->vmstate`).
+    #[inline(always)]
+    pub fn state(&self) -> i32 {
+        // SAFETY: `g` is a live global state (checked by `find`); the field is volatile in C.
+        unsafe { ptr::read_volatile(self.g.add(G_VMSTATE) as *const i32) }
+    }
+
+    /// What the VM is doing now.
+    #[inline(always)]
+    pub fn doing(&self) -> Doing {
+        match self.state() {
+            VMST_INTERP | VMST_C => Doing::Running,
+            VMST_GC => Doing::Collecting,
+            VMST_RECORD | VMST_OPT | VMST_ASM => Doing::Compiling,
+            _ => Doing::Compiled, // a trace number, or VMST_EXIT
+        }
+    }
+
+    /// Whether a `__gc` finalizer is running (LuaJIT refuses JIT mode changes then, and beta3
+    /// crashes on the error).
+    pub fn in_finalizer(&self) -> bool {
+        // SAFETY: as in `state`.
+        unsafe { read::<u8>(self.g, G_HOOKMASK) & HOOK_GC != 0 }
+    }
+
+    /// Whether a debug hook is running.
+    pub fn in_hook(&self) -> bool {
+        // SAFETY: as in `state`.
+        unsafe { read::<u8>(self.g, G_HOOKMASK) & HOOK_ACTIVE != 0 }
+    }
+
+    /// The thread running now (`g->cur_L`).
+    #[inline(always)]
+    pub fn current_thread(&self) -> *mut lua_State {
+        // SAFETY: as in `state`.
+        unsafe { read::<*mut lua_State>(self.g, self.cur_l) }
+    }
+}
+
+/// Whether the frame that `lua_getstack` described in `ar` holds a function in its function
+/// slot, so that `lua_getinfo` can read it.
+///
+/// # Safety
+/// `L` a valid thread of a VM [`Vm::find`] accepted; `ar` filled by `lua_getstack(L, ..)`.
+pub unsafe fn frame_has_function(L: *mut lua_State, ar: &ffi::lua_Debug) -> bool {
+    // `i_ci` is `(size << 16) + offset of the frame slot`; the function is in the slot below.
+    // SAFETY: `i_ci` is the `int` right after `short_src` (lua.h's private part).
+    let i_ci = unsafe { read::<i32>(ar as *const ffi::lua_Debug as *const u8, I_CI) };
+    let offset = (i_ci as u32 & 0xffff) as usize;
+    if offset == 0 {
+        return false;
+    }
+    // SAFETY: the slot is inside the thread's stack (lua_getstack found a frame there).
+    unsafe {
+        let stack = read::<*const u64>(L as *const u8, L_STACK);
+        let slot = *stack.add(offset - 1);
+        if ((slot as i64) >> 47) as u32 != LJ_TFUNC {
+            return false;
+        }
+        let object = (slot & ((1u64 << 47) - 1)) as *const u8;
+        !object.is_null() && *object.add(9) == GCT_FUNC
+    }
+}
+
+/// Offset of `lua_Debug`'s private `i_ci`, right after `short_src`.
+const I_CI: usize = std::mem::offset_of!(ffi::lua_Debug, short_src) + 60; // LUA_IDSIZE
+const _: () = assert!(I_CI + 4 <= std::mem::size_of::<ffi::lua_Debug>() && I_CI % 4 == 0);
+
+/// # Safety
+/// `base + offset` is a readable, aligned `T`.
+#[inline(always)]
+unsafe fn read<T: Copy>(base: *const u8, offset: usize) -> T {
+    // SAFETY: the caller's contract.
+    unsafe { ptr::read(base.add(offset) as *const T) }
+}
+
+/// `jit.version` says a 2.1 beta (2.1.0-beta3 and before, Debian's 2022 snapshot included):
+/// an allocation that fails while a trace runs, or in a coroutine's resume, can crash it.
+///
+/// # Safety
+/// `L` valid with 2 free slots.
+pub unsafe fn is_beta(L: *mut lua_State) -> bool {
+    // SAFETY: reads `jit.version` from the loaded-modules table; allocates nothing new.
+    unsafe {
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, c"_LOADED".as_ptr());
+        let mut beta = false;
+        if ffi::lua_type(L, -1) == ffi::LUA_TTABLE {
+            ffi::lua_getfield(L, -1, c"jit".as_ptr());
+            if ffi::lua_type(L, -1) == ffi::LUA_TTABLE {
+                ffi::lua_getfield(L, -1, c"version".as_ptr());
+                let mut len = 0usize;
+                if ffi::lua_type(L, -1) == ffi::LUA_TSTRING {
+                    let s = ffi::lua_tolstring(L, -1, &mut len);
+                    let v = std::slice::from_raw_parts(s as *const u8, len);
+                    beta = v.windows(5).any(|w| w == b"-beta");
+                }
+                ffi::lua_pop(L, 1);
+            }
+            ffi::lua_pop(L, 1);
+        }
+        ffi::lua_pop(L, 1);
+        beta
+    }
+}
