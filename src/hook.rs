@@ -103,6 +103,9 @@ pub struct Tracker {
     /// recordings a scope saw, `jit_traces`).
     #[cfg(feature = "luajit")]
     jit_compiling: Cell<bool>,
+    /// What budgeted scopes keep (`crate::ledger`). Declared after `active_owner`, whose scope
+    /// may have entries in it.
+    pub ledger: crate::ledger::Ledger,
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
     pub arenas: ArenaSet,
@@ -138,6 +141,7 @@ impl Tracker {
             oom_unsafe_jit: Cell::new(false),
             #[cfg(feature = "luajit")]
             jit_compiling: Cell::new(false),
+            ledger: Default::default(),
             arenas: ArenaSet::default(),
         }
     }
@@ -207,9 +211,11 @@ impl Tracker {
     ) -> (*const Scope, bool) {
         use crate::luajit::Doing;
         match doing {
+            // (a debug hook is instrumentation: what it allocates is never refused, which
+            // also keeps a hook from failing inside mem.scope's own frames)
             Doing::Running => {
                 self.jit_compiling.set(false);
-                (scope, false)
+                (scope, vm_in_hook(self))
             }
             Doing::Compiled => (scope, self.oom_unsafe_jit.get()),
             // (the collector's frees count as before; its rare allocations, such as the string
@@ -222,6 +228,49 @@ impl Tracker {
                 }
                 (ptr::null(), false)
             }
+        }
+    }
+
+    /// LuaJIT: whether a budget may refuse the growth of `block`: not the running thread's
+    /// stack (the frames of mem.scope itself may need it while the scope is at its limit; the
+    /// growth is counted, and the next allocation is refused instead). Elsewhere, always.
+    #[cold]
+    fn may_refuse_growth(&self, block: *mut c_void) -> bool {
+        #[cfg(feature = "luajit")]
+        if let Some(vm) = self.vm.get() {
+            return !vm.is_current_stack(block);
+        }
+        let _ = block;
+        true
+    }
+
+    /// The ledger's part of a free (nothing while the ledger is empty).
+    #[inline(always)]
+    fn ledger_freed(&self, block: *mut c_void) {
+        if !self.ledger.is_empty() {
+            self.ledger.freed(block as usize);
+        }
+    }
+
+    /// The ledger's part of a reallocation from `old` to `new` while `scope` (the active scope,
+    /// or null) is active.
+    #[inline(always)]
+    fn ledger_resized(
+        &self,
+        scope: *const Scope,
+        old: *mut c_void,
+        new: *mut c_void,
+        osize: usize,
+        nsize: usize,
+    ) {
+        // SAFETY: a non-null `scope` is the live active scope.
+        let budgeted = !scope.is_null() && unsafe { (*scope).tracks_kept() };
+        if budgeted || !self.ledger.is_empty() {
+            // SAFETY: as above; a budgeted scope releases its entries when it closes.
+            unsafe {
+                self.ledger
+                    .resized(scope, budgeted, old as usize, new as usize, osize, nsize)
+            };
         }
     }
 
@@ -339,6 +388,13 @@ impl Tracker {
             unsafe { Scope::attribute_realloc(scope, osize as u64, nsize as u64) };
         }
     }
+}
+
+/// LuaJIT: whether a debug hook is running.
+#[cfg(feature = "luajit")]
+#[inline(always)]
+fn vm_in_hook(t: &Tracker) -> bool {
+    t.vm.get().is_some_and(|vm| vm.in_hook())
 }
 
 /// Where the hook gets new blocks from.
@@ -504,11 +560,13 @@ unsafe fn arena_block<const MIMALLOC: bool>(
         if nsize == 0 {
             let to = t.arenas.free(block, osize, scope);
             t.on_free_for(osize, to);
+            t.ledger_freed(block);
             after_free(t, ud);
             return ptr::null_mut();
         }
         if t.arenas.resize_in_place(block, osize, nsize) {
             t.on_realloc(scope, osize, nsize);
+            t.ledger_resized(scope, block, block, osize, nsize);
             return block;
         }
         let mut moved = ptr::null_mut();
@@ -527,6 +585,7 @@ unsafe fn arena_block<const MIMALLOC: bool>(
         ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
         t.arenas.free(block, osize, ptr::null()); // (counted as the realloc below)
         t.on_realloc(scope, osize, nsize);
+        t.ledger_resized(scope, block, moved, osize, nsize);
         moved
     }
 }
@@ -595,11 +654,20 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         let result = unsafe { new_block::<MIMALLOC>(tracker, scope, osize, nsize) };
         if !result.is_null() {
             tracker.on_alloc(scope, nsize, osize);
+            // SAFETY: the live active scope.
+            if unsafe { (*scope).tracks_kept() } {
+                // SAFETY: as above; the scope releases its entries when it closes.
+                unsafe { tracker.ledger.made(scope, result as usize, nsize) };
+            }
         }
         return result;
     }
     // A growth may fail (a scope's budget); a free or a shrink never does.
-    if !scope.is_null() && nsize > osize && !tracker.admits(scope, nsize - osize, defer) {
+    if !scope.is_null()
+        && nsize > osize
+        && !tracker.admits(scope, nsize - osize, defer)
+        && tracker.may_refuse_growth(block)
+    {
         return ptr::null_mut();
     }
     if arena::contains(block) {
@@ -610,10 +678,12 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     let result = unsafe { serve::<MIMALLOC>(tracker, block, osize, nsize) };
     if nsize == 0 {
         tracker.on_free(scope, osize);
+        tracker.ledger_freed(block);
         // SAFETY: `tracker` is not used after this.
         unsafe { after_free(tracker, ud) };
     } else if !result.is_null() {
         tracker.on_realloc(scope, osize, nsize);
+        tracker.ledger_resized(scope, block, result, osize, nsize);
     }
     result
 }

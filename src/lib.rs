@@ -5,6 +5,7 @@ pub mod arena;
 pub mod capi;
 pub mod coroutine;
 pub mod hook;
+pub mod ledger;
 pub mod lua_api;
 #[cfg(feature = "luajit")]
 pub mod luajit;

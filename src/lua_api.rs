@@ -577,9 +577,13 @@ unsafe fn make_scope(
             Rc::from("scope")
         };
         let scope = Scope::guarded(name, t.active_scope(), arena, &t.arenas, guard);
+        // SAFETY (both): the tracker, and its counts and ledger, outlive every scope of its
+        // state.
         if scope.has_budget() {
-            // SAFETY: the tracker outlives every scope of its state.
             scope.count_in(&t.budgeted_scopes);
+        }
+        if scope.tracks_kept() {
+            scope.use_ledger(&t.ledger);
         }
         scope
     }
@@ -906,6 +910,7 @@ unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
         (c"net_bytes", scope.net_bytes.get()),
         (c"peak_bytes", scope.peak_bytes.get()),
         (c"jit_traces", scope.jit_traces.get() as i64),
+        (c"kept_bytes", scope.kept_bytes.get()),
     ];
     // SAFETY: valid state.
     unsafe {

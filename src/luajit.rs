@@ -145,6 +145,14 @@ impl Vm {
         unsafe { read::<u8>(self.g, G_HOOKMASK) & HOOK_ACTIVE != 0 }
     }
 
+    /// Whether `block` is the stack of the thread running now (its growth is then a stack
+    /// reallocation).
+    pub fn is_current_stack(&self, block: *mut c_void) -> bool {
+        let L = self.current_thread();
+        // SAFETY: `cur_L` is a live thread of this VM.
+        !L.is_null() && unsafe { read::<*mut c_void>(L as *const u8, L_STACK) } == block
+    }
+
     /// The thread running now (`g->cur_L`).
     #[inline(always)]
     pub fn current_thread(&self) -> *mut lua_State {

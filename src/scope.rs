@@ -4,11 +4,12 @@
 //! open scope of the running thread, then rolled up to the scopes it was opened in. Which scope is
 //! active follows the coroutines: see [`ThreadScopes`] and `crate::lua_api`'s enter/leave.
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::ptr;
 use std::rc::Rc;
 
 use crate::arena::{Arena, ArenaSet};
+use crate::ledger::Ledger;
 
 /// One scope and its counters (see the `scope:stats()` fields in the README).
 pub struct Scope {
@@ -47,6 +48,20 @@ pub struct Scope {
     /// Whether this scope or one it was opened in has a limit or an allowance: the hook checks
     /// budgets only then.
     guarded: bool,
+    /// Bytes of the blocks made (or grown) while this scope or one opened inside it was active
+    /// that are still live: what its budget bounds (kept only where a limit counts, see
+    /// `crate::ledger`).
+    pub kept_bytes: Cell<i64>,
+    /// Whether this scope or one it was opened in has a limit: allocations while it is active
+    /// are recorded in the ledger.
+    kept_tracked: bool,
+    /// The state's ledger while this scope may own entries in it, else null. Invariant: the
+    /// ledger outlives the scope (a field of the tracker).
+    ledger: Cell<*const Ledger>,
+    /// Addresses this scope recorded in the ledger (some since freed), and how many entries it
+    /// owns.
+    ledger_addresses: UnsafeCell<Vec<usize>>,
+    pub(crate) ledger_live: Cell<usize>,
     /// The count of open budgeted scopes this scope is counted in until it closes (see
     /// [`Scope::count_in`]), or null. Invariant: the count outlives the scope (it is a field
     /// of the tracker, which outlives every scope of its state).
@@ -99,6 +114,7 @@ impl Scope {
         guard: Guard,
     ) -> Scope {
         let parent_ptr = parent.as_ref().map_or(ptr::null(), Rc::as_ptr);
+        let parent_tracks_kept = parent.as_ref().is_some_and(|p| p.kept_tracked);
         let guarded = guard.limit.is_some()
             || guard.allowance.is_some()
             || parent.as_ref().is_some_and(|p| p.guarded);
@@ -131,6 +147,11 @@ impl Scope {
                 .map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64),
             allowance: Cell::new(guard.allowance.unwrap_or(u64::MAX)),
             guarded,
+            kept_bytes: Cell::new(0),
+            kept_tracked: guard.limit.is_some() || parent_tracks_kept,
+            ledger: Cell::new(ptr::null()),
+            ledger_addresses: UnsafeCell::new(Vec::new()),
+            ledger_live: Cell::new(0),
             counted_in: Cell::new(ptr::null()),
         }
     }
@@ -157,7 +178,7 @@ impl Scope {
         // SAFETY: `self` is live, so its ancestors are.
         unsafe {
             Scope::walk(self, |s| {
-                if s.net_bytes.get().saturating_add(delta) > s.limit || s.allowance.get() == 0 {
+                if s.kept_bytes.get().saturating_add(delta) > s.limit || s.allowance.get() == 0 {
                     ok.set(false);
                 }
             });
@@ -191,6 +212,37 @@ impl Scope {
         self.limit != i64::MAX || self.allowance.get() != u64::MAX
     }
 
+    /// Whether allocations while this scope is active are recorded in the ledger.
+    #[inline(always)]
+    pub fn tracks_kept(&self) -> bool {
+        self.kept_tracked
+    }
+
+    /// Makes `ledger` the one this scope's entries are in (released when it closes).
+    ///
+    /// # Safety
+    /// `ledger` outlives the scope.
+    pub unsafe fn use_ledger(&self, ledger: &Ledger) {
+        self.ledger.set(ledger);
+    }
+
+    /// The addresses this scope recorded in the ledger.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn ledger_addresses(&self) -> &mut Vec<usize> {
+        // SAFETY: only the ledger uses the list, never while holding another reference to it.
+        unsafe { &mut *self.ledger_addresses.get() }
+    }
+
+    /// Adds `delta` to the kept bytes of `scope` and of the open scopes it was opened in.
+    ///
+    /// # Safety
+    /// As for [`Scope::walk`].
+    #[inline]
+    pub unsafe fn keep(scope: *const Scope, delta: i64) {
+        // SAFETY: forwarded contract.
+        unsafe { Scope::walk(scope, |s| s.kept_bytes.set(s.kept_bytes.get() + delta)) }
+    }
+
     /// Counts the scope in `open` (the tracker's count of open budgeted scopes) until it closes.
     ///
     /// # Safety
@@ -205,6 +257,15 @@ impl Scope {
     pub fn close(&self) {
         if self.closed.replace(true) {
             return;
+        }
+        let ledger = self.ledger.replace(ptr::null());
+        if !ledger.is_null() {
+            let heir = match &self.parent {
+                Some(p) if !p.closed.get() && p.kept_tracked => Rc::as_ptr(p),
+                _ => ptr::null(),
+            };
+            // SAFETY: the ledger outlives the scope; the heir is open and budgeted.
+            unsafe { (*ledger).release(self, heir) };
         }
         let open = self.counted_in.replace(ptr::null());
         if !open.is_null() {
