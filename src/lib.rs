@@ -12,6 +12,7 @@ pub mod luajit;
 pub mod scope;
 pub mod state;
 pub mod trace;
+pub mod udata;
 
 use std::ffi::c_int;
 

@@ -6,7 +6,7 @@
 //! Rust frames: every function below raises only when no value with a destructor is alive.
 
 use std::ffi::{c_int, c_void, CStr};
-use std::mem;
+
 use std::ptr;
 use std::rc::Rc;
 
@@ -16,10 +16,8 @@ use crate::arena;
 use crate::hook::{Tracker, TYPE_SLOTS};
 use crate::scope::{Guard, Scope, ThreadScopes};
 use crate::state;
+use crate::udata;
 
-const CHECKPOINT_MT: &CStr = c"lunet.mem.checkpoint";
-const SCOPE_MT: &CStr = c"lunet.mem.scope";
-const THREAD_SCOPES_MT: &CStr = c"lunet.mem.thread_scopes";
 /// Registry key of the table of functions mem.lua replaced (`coroutine.resume`, ...).
 const SAVED_KEY: &CStr = c"lunet.mem.saved";
 
@@ -38,12 +36,14 @@ pub struct Checkpoint {
 /// # Safety
 /// `L` valid; no value with a destructor may be alive in the caller's frames (the error does not
 /// unwind them). `msg` is dropped here, before raising.
-unsafe fn raise(L: *mut lua_State, msg: String) -> ! {
-    // SAFETY: valid state; `msg` is copied into Lua and dropped before `lua_error`.
+pub(crate) unsafe fn raise(L: *mut lua_State, msg: String) -> ! {
+    // SAFETY: valid state; `msg` is copied into Lua and dropped before `lua_error` (and leaked,
+    // not dropped, if copying it raises a memory error).
     unsafe {
+        let msg = std::mem::ManuallyDrop::new(msg);
         ffi::luaL_where(L, 1);
         ffi::lua_pushlstring(L, msg.as_ptr().cast(), msg.len());
-        drop(msg);
+        drop(std::mem::ManuallyDrop::into_inner(msg));
         ffi::lua_concat(L, 2);
         ffi::lua_error(L)
     }
@@ -56,11 +56,14 @@ unsafe fn raise(L: *mut lua_State, msg: String) -> ! {
 unsafe fn type_name(L: *mut lua_State, idx: c_int) -> String {
     // SAFETY: valid state and index.
     unsafe {
-        if to_boxed::<Checkpoint>(L, idx, CHECKPOINT_MT).is_some() {
+        if udata::test::<Checkpoint>(L, idx).is_some() {
             return "checkpoint".into();
         }
-        if to_boxed::<Rc<Scope>>(L, idx, SCOPE_MT).is_some() {
+        if udata::test::<Rc<Scope>>(L, idx).is_some() {
             return "scope".into();
+        }
+        if udata::test::<crate::trace::Snapshot>(L, idx).is_some() {
+            return "snapshot".into();
         }
         let name = ffi::lua_typename(L, ffi::lua_type(L, idx));
         CStr::from_ptr(name).to_string_lossy().into_owned()
@@ -71,10 +74,10 @@ unsafe fn type_name(L: *mut lua_State, idx: c_int) -> String {
 ///
 /// # Safety
 /// As for [`raise`].
-unsafe fn type_error(L: *mut lua_State, n: c_int, fname: &str, expected: &str) -> ! {
+pub(crate) unsafe fn type_error(L: *mut lua_State, n: c_int, fname: &str, expected: &str) -> ! {
     // SAFETY: forwarded contract.
     unsafe {
-        let got = type_name(L, n);
+        let got = type_name(L, n); // (nothing raises until `raise`, which gets `msg` only)
         let msg = format!("bad argument #{n} to '{fname}' ({expected} expected, got {got})");
         drop(got);
         raise(L, msg)
@@ -104,74 +107,24 @@ unsafe fn check_tracker<'a>(L: *mut lua_State) -> &'a Tracker {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Userdata holding a `Box<T>`
+// The module's userdata (see crate::udata)
 
-/// Pushes a new userdata with the metatable registered under `mt` and an empty slot.
-///
-/// # Safety
-/// `L` valid with 2 free slots; the metatable must have been made by [`new_metatable`] for `T`.
-unsafe fn push_slot<T>(L: *mut lua_State, mt: &CStr) -> *mut *mut T {
-    // SAFETY: valid state; the slot is initialised before the metatable (and its __gc) is set.
-    unsafe {
-        let slot = ffi::lua_newuserdata(L, mem::size_of::<*mut T>()) as *mut *mut T;
-        slot.write(ptr::null_mut());
-        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, mt.as_ptr());
-        ffi::lua_setmetatable(L, -2);
-        slot
-    }
+impl udata::Boxed for Checkpoint {
+    const METATABLE: &'static CStr = c"lunet.mem.checkpoint";
+    const NAME: &'static str = "checkpoint";
+    const TAG: u64 = 0x6c75_6e65_7463_7031;
 }
 
-/// The `T` in the userdata at `idx` if it carries the metatable `mt` and is not finalized.
-///
-/// # Safety
-/// `L` valid with 2 free slots, `idx` acceptable.
-unsafe fn to_boxed<'a, T>(L: *mut lua_State, idx: c_int, mt: &CStr) -> Option<&'a mut T> {
-    // SAFETY: valid state; a userdata with our metatable holds a `*mut T` slot (see push_slot).
-    unsafe {
-        let slot = ffi::lua_touserdata(L, idx) as *mut *mut T;
-        if slot.is_null() || ffi::lua_getmetatable(L, idx) == 0 {
-            return None;
-        }
-        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, mt.as_ptr());
-        let same = ffi::lua_rawequal(L, -1, -2) != 0;
-        ffi::lua_pop(L, 2);
-        if same && !(*slot).is_null() {
-            Some(&mut **slot)
-        } else {
-            None
-        }
-    }
+impl udata::Boxed for Rc<Scope> {
+    const METATABLE: &'static CStr = c"lunet.mem.scope";
+    const NAME: &'static str = "scope";
+    const TAG: u64 = 0x6c75_6e65_7473_6331;
 }
 
-/// `__gc` of boxed userdata: drops the box once.
-unsafe extern "C-unwind" fn gc_boxed<T>(L: *mut lua_State) -> c_int {
-    // SAFETY: registered only in metatables of userdata made by `push_slot::<T>`.
-    unsafe {
-        let slot = ffi::lua_touserdata(L, 1) as *mut *mut T;
-        if !slot.is_null() && !(*slot).is_null() {
-            let boxed = Box::from_raw(*slot);
-            *slot = ptr::null_mut();
-            drop(boxed);
-        }
-    }
-    0
-}
-
-/// Creates (or finds, when the module is loaded again) the metatable `name` with a `__gc` that
-/// drops a `Box<T>`, and leaves it on the stack.
-///
-/// # Safety
-/// `L` valid with 3 free slots.
-unsafe fn new_metatable<T>(L: *mut lua_State, name: &CStr) {
-    // SAFETY: valid state.
-    unsafe {
-        if ffi::luaL_newmetatable(L, name.as_ptr()) != 0 {
-            ffi::lua_pushcfunction(L, gc_boxed::<T>);
-            ffi::lua_setfield(L, -2, c"__gc".as_ptr());
-            ffi::lua_pushboolean(L, 0);
-            ffi::lua_setfield(L, -2, c"__metatable".as_ptr());
-        }
-    }
+impl udata::Boxed for ThreadScopes {
+    const METATABLE: &'static CStr = c"lunet.mem.thread_scopes";
+    const NAME: &'static str = "thread record";
+    const TAG: u64 = 0x6c75_6e65_7474_7331;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,7 +237,9 @@ fn type_slot_name(slot: usize) -> Option<&'static CStr> {
 unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; nothing with a destructor is alive when it may raise.
     unsafe {
-        let s = Snapshot::of(check_tracker(L));
+        let t = check_tracker(L);
+        no_arguments(L, "stats");
+        let s = Snapshot::of(t);
         ffi::lua_createtable(L, 0, 20);
         set_int(L, c"live_bytes", s.live_bytes as i64);
         set_int(L, c"peak_bytes", s.peak_bytes as i64);
@@ -323,7 +278,11 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
 /// `mem.reset_peak()`.
 unsafe extern "C-unwind" fn l_reset_peak(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
-    unsafe { check_tracker(L).reset_peak() };
+    unsafe {
+        let t = check_tracker(L);
+        no_arguments(L, "reset_peak");
+        t.reset_peak();
+    }
     0
 }
 
@@ -345,18 +304,20 @@ unsafe extern "C-unwind" fn l_live(L: *mut lua_State) -> c_int {
 /// `core.checkpoint([name])`: a checkpoint of the counters as they are after its own object
 /// has been allocated.
 unsafe extern "C-unwind" fn l_checkpoint(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua; the slot is filled before anything can raise.
+    // SAFETY: called by Lua; the counters are read once the checkpoint's own userdata exists.
     unsafe {
-        check_tracker(L);
-        let slot = push_slot::<Checkpoint>(L, CHECKPOINT_MT);
-        let name = to_string(L, 1);
         let t = check_tracker(L);
-        let cp = Checkpoint {
-            name,
-            live_bytes: t.live_bytes.get(),
-            net_blocks: t.net_blocks(),
-        };
-        *slot = Box::into_raw(Box::new(cp));
+        let name = to_string(L, 1);
+        let cp = udata::push(
+            L,
+            Checkpoint {
+                name,
+                live_bytes: 0,
+                net_blocks: 0,
+            },
+        );
+        cp.live_bytes = t.live_bytes.get();
+        cp.net_blocks = t.net_blocks();
     }
     1
 }
@@ -365,12 +326,8 @@ unsafe extern "C-unwind" fn l_checkpoint(L: *mut lua_State) -> c_int {
 /// Called from a Lua C function; raises a `bad argument` error naming `fname` if arg 1 is not a
 /// checkpoint.
 unsafe fn check_checkpoint<'a>(L: *mut lua_State, fname: &str) -> &'a Checkpoint {
-    // SAFETY: valid state.
-    match unsafe { to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT) } {
-        Some(cp) => cp,
-        // SAFETY: nothing with a destructor is alive here.
-        None => unsafe { type_error(L, 1, fname, "checkpoint") },
-    }
+    // SAFETY: forwarded contract.
+    unsafe { udata::check::<Checkpoint>(L, 1, fname) }
 }
 
 /// `cp:delta()`: `{bytes = n, blocks = n}` since the checkpoint, read before the table is made.
@@ -390,11 +347,11 @@ unsafe extern "C-unwind" fn l_cp_delta(L: *mut lua_State) -> c_int {
 
 /// `core.cp_values(cp, fname)`: `bytes, blocks` since the checkpoint as numbers, no table.
 unsafe extern "C-unwind" fn l_cp_values(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua (from mem.lua, which passes the public method's name).
+    // SAFETY: called by Lua (from mem.lua, which passes the public method's name); the name is
+    // read from Lua's string, so nothing with a destructor is alive if `check` raises.
     unsafe {
-        let fname = to_string(L, 2).unwrap_or_default();
-        let cp = check_checkpoint(L, &fname);
-        drop(fname);
+        let fname = lua_str(L, 2).unwrap_or("is_neutral");
+        let cp = udata::check::<Checkpoint>(L, 1, fname);
         let t = check_tracker(L);
         ffi::lua_pushinteger(L, (t.live_bytes.get() as i64 - cp.live_bytes as i64) as _);
         ffi::lua_pushinteger(L, (t.net_blocks() - cp.net_blocks) as _);
@@ -402,11 +359,42 @@ unsafe extern "C-unwind" fn l_cp_values(L: *mut lua_State) -> c_int {
     2
 }
 
+/// The string at `idx` as UTF-8, borrowed from Lua (valid while the value stays on the stack),
+/// or `None` if it is not a string or not UTF-8.
+///
+/// # Safety
+/// `L` valid, `idx` acceptable.
+unsafe fn lua_str<'a>(L: *mut lua_State, idx: c_int) -> Option<&'a str> {
+    // SAFETY: valid state; only real strings are read.
+    unsafe {
+        if ffi::lua_type(L, idx) != ffi::LUA_TSTRING {
+            return None;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(L, idx, &mut len);
+        std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()
+    }
+}
+
+/// Raises `bad argument #1 to 'fname' (no argument expected, got <type>)` if the function got
+/// any argument.
+///
+/// # Safety
+/// Called from a Lua C function; nothing with a destructor alive in the caller.
+unsafe fn no_arguments(L: *mut lua_State, fname: &str) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if ffi::lua_gettop(L) > 0 {
+            type_error(L, 1, fname, "no argument");
+        }
+    }
+}
+
 /// `core.cp_name(cp)`: the checkpoint's name or nil.
 unsafe extern "C-unwind" fn l_cp_name(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
-        match to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).and_then(|cp| cp.name.as_deref()) {
+        match udata::test::<Checkpoint>(L, 1).and_then(|cp| cp.name.as_deref()) {
             Some(name) => push_str(L, name),
             None => ffi::lua_pushnil(L),
         }
@@ -420,9 +408,7 @@ unsafe extern "C-unwind" fn l_cp_name(L: *mut lua_State) -> c_int {
 unsafe extern "C-unwind" fn l_cp_attach(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; only this module's checkpoints and tables are accepted.
     unsafe {
-        if to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).is_some()
-            && ffi::lua_type(L, 2) == ffi::LUA_TTABLE
-        {
+        if udata::test::<Checkpoint>(L, 1).is_some() && ffi::lua_type(L, 2) == ffi::LUA_TTABLE {
             ffi::lua_settop(L, 2);
             ffi::lua_setuservalue(L, 1);
         }
@@ -435,7 +421,7 @@ unsafe extern "C-unwind" fn l_cp_attach(L: *mut lua_State) -> c_int {
 unsafe extern "C-unwind" fn l_cp_attached(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
-        if to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).is_some() {
+        if udata::test::<Checkpoint>(L, 1).is_some() {
             ffi::lua_getuservalue(L, 1);
         } else {
             ffi::lua_pushnil(L);
@@ -448,7 +434,7 @@ unsafe extern "C-unwind" fn l_cp_attached(L: *mut lua_State) -> c_int {
 unsafe extern "C-unwind" fn l_is_checkpoint(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
-        let yes = to_boxed::<Checkpoint>(L, 1, CHECKPOINT_MT).is_some();
+        let yes = udata::test::<Checkpoint>(L, 1).is_some();
         ffi::lua_pushboolean(L, yes as c_int);
     }
     1
@@ -499,7 +485,7 @@ pub(crate) unsafe fn thread_scopes<'a>(
         }
         ffi::lua_pushvalue(L, -1);
         ffi::lua_rawget(L, -3);
-        if let Some(ts) = to_boxed::<ThreadScopes>(L, -1, THREAD_SCOPES_MT) {
+        if let Some(ts) = udata::test::<ThreadScopes>(L, -1) {
             ffi::lua_pop(L, 3);
             return Some(ts);
         }
@@ -509,12 +495,11 @@ pub(crate) unsafe fn thread_scopes<'a>(
             return None;
         }
         let was = t.exempt.replace(true);
-        let slot = push_slot::<ThreadScopes>(L, THREAD_SCOPES_MT);
-        *slot = Box::into_raw(Box::default());
+        let ts = udata::push(L, ThreadScopes::default());
         ffi::lua_rawset(L, -3);
         t.exempt.set(was);
         ffi::lua_pop(L, 1);
-        Some(&mut **slot)
+        Some(ts)
     }
 }
 
@@ -657,15 +642,26 @@ unsafe fn pop_scope(t: &Tracker, ts: &mut ThreadScopes, token: *const Scope) -> 
 unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_stats: bool) {
     // SAFETY: forwarded contract.
     unsafe {
-        let closed = match thread_scopes(L, t, 0, false) {
+        let mut closed = match thread_scopes(L, t, 0, false) {
             Some(ts) => pop_scope(t, ts, token),
             None => None,
         };
+        if closed.is_none() {
+            // The thread's record is gone (its finalizer called by hand): the scope still ends,
+            // and the scope it was opened in is active again.
+            if let Some(active) = t.active_scope().filter(|a| Rc::as_ptr(a) == token) {
+                active.close();
+                t.set_active_scope(active.parent().cloned());
+                closed = Some(active);
+            }
+        }
         let Some(scope) = closed else {
             raise(L, "lunet.mem: scope closed out of order".into())
         };
         if want_stats {
             push_stats_of(L, scope);
+        } else {
+            drop(scope);
         }
     }
 }
@@ -754,7 +750,7 @@ unsafe extern "C-unwind" fn l_scope_close_ok(L: *mut lua_State) -> c_int {
                 ts.closed = Some(scope);
             }
         }
-        ffi::lua_gettop(L) - 1
+        (ffi::lua_gettop(L) - 1).max(0)
     }
 }
 
@@ -784,6 +780,9 @@ unsafe fn scope_finish_lua(L: *mut lua_State, raise_error: bool) -> c_int {
     // SAFETY: the scope is closed before anything can allocate or raise.
     unsafe {
         let t = check_tracker(L);
+        if ffi::lua_gettop(L) < 3 {
+            ffi::lua_settop(L, 3); // (only a call by hand passes fewer)
+        }
         let token = ffi::lua_touserdata(L, 1) as *const Scope;
         let ok = ffi::lua_toboolean(L, 3) != 0;
         let closed = match thread_scopes(L, t, 0, false) {
@@ -938,13 +937,12 @@ unsafe extern "C-unwind" fn l_current(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         let t = check_tracker(L);
-        let slot = push_slot::<Rc<Scope>>(L, SCOPE_MT);
+        no_arguments(L, "current");
         match t.active_scope() {
-            Some(scope) => *slot = Box::into_raw(Box::new(scope)),
-            None => {
-                ffi::lua_pop(L, 1);
-                ffi::lua_pushnil(L);
+            Some(scope) => {
+                udata::push(L, scope);
             }
+            None => ffi::lua_pushnil(L),
         }
     }
     1
@@ -954,12 +952,8 @@ unsafe extern "C-unwind" fn l_current(L: *mut lua_State) -> c_int {
 /// Called from a Lua C function; raises a `bad argument` error naming `fname` if arg 1 is not a
 /// scope object.
 unsafe fn check_scope<'a>(L: *mut lua_State, fname: &str) -> &'a Scope {
-    // SAFETY: valid state.
-    match unsafe { to_boxed::<Rc<Scope>>(L, 1, SCOPE_MT) } {
-        Some(scope) => scope,
-        // SAFETY: nothing with a destructor is alive here.
-        None => unsafe { type_error(L, 1, fname, "scope") },
-    }
+    // SAFETY: forwarded contract.
+    unsafe { udata::check::<Rc<Scope>>(L, 1, fname) }
 }
 
 /// `scope:stats()`.
@@ -980,7 +974,7 @@ unsafe extern "C-unwind" fn l_scope_name(L: *mut lua_State) -> c_int {
 unsafe extern "C-unwind" fn l_is_scope(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
-        let yes = to_boxed::<Rc<Scope>>(L, 1, SCOPE_MT).is_some();
+        let yes = udata::test::<Rc<Scope>>(L, 1).is_some();
         ffi::lua_pushboolean(L, yes as c_int);
     }
     1
@@ -1005,7 +999,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
             ffi::lua_setmetatable(L, -2);
             t.threads_ref.set(ffi::luaL_ref(L, ffi::LUA_REGISTRYINDEX));
         }
-        new_metatable::<ThreadScopes>(L, THREAD_SCOPES_MT);
+        udata::new_metatable::<ThreadScopes>(L);
         ffi::lua_pop(L, 1);
         // Originals of the functions mem.lua wraps, kept across loads so that nothing is wrapped
         // twice.
@@ -1075,9 +1069,9 @@ pub unsafe fn push_core(L: *mut lua_State) {
         ffi::lua_pushvalue(L, saved);
         ffi::lua_setfield(L, -2, c"saved".as_ptr());
         ffi::lua_remove(L, saved);
-        new_metatable::<Checkpoint>(L, CHECKPOINT_MT);
+        udata::new_metatable::<Checkpoint>(L);
         ffi::lua_setfield(L, -2, c"checkpoint_mt".as_ptr());
-        new_metatable::<Rc<Scope>>(L, SCOPE_MT);
+        udata::new_metatable::<Rc<Scope>>(L);
         ffi::lua_setfield(L, -2, c"scope_mt".as_ptr());
         if !t.arenas.ticking.get() {
             ffi::lua_createtable(L, 0, 1);
@@ -1103,7 +1097,8 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
     // the copy (a few names), nothing of Lua's.
     unsafe {
         let t = check_tracker(L);
-        let list = t.arenas.list();
+        no_arguments(L, "arenas");
+        let list = std::mem::ManuallyDrop::new(t.arenas.list());
         ffi::lua_createtable(L, list.len().min(1 << 20) as c_int, 0);
         for (i, a) in list.iter().enumerate() {
             ffi::lua_createtable(L, 0, 9);
@@ -1122,7 +1117,7 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
             ffi::lua_setfield(L, -2, c"pinned".as_ptr());
             ffi::lua_rawseti(L, -2, (i + 1) as _);
         }
-        drop(list);
+        drop(std::mem::ManuallyDrop::into_inner(list));
     }
     1
 }
@@ -1136,23 +1131,31 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
     // can point anywhere, are not).
     unsafe {
         check_tracker(L);
+        if ffi::lua_type(L, 1) == ffi::LUA_TNONE {
+            raise(L, "bad argument #1 to 'arena_of' (value expected)".into());
+        }
         let p = match ffi::lua_type(L, 1) {
-            ffi::LUA_TTABLE
-            | ffi::LUA_TFUNCTION
-            | ffi::LUA_TTHREAD
-            | ffi::LUA_TUSERDATA
-            | ffi::LUA_TSTRING => ffi::lua_topointer(L, 1),
+            ffi::LUA_TTABLE | ffi::LUA_TFUNCTION | ffi::LUA_TTHREAD | ffi::LUA_TSTRING => {
+                ffi::lua_topointer(L, 1) as *const u8
+            }
+            // A full userdata's pointer is its payload, after the header in the same block: for
+            // an empty payload that is the block's end, possibly the next chunk's start. The
+            // header's last byte is always in the block.
+            ffi::LUA_TUSERDATA => (ffi::lua_topointer(L, 1) as *const u8).wrapping_sub(1),
             _ => ptr::null(),
         };
         if p.is_null() {
             ffi::lua_pushnil(L);
             return 1;
         }
-        match arena::owner(p) {
+        match arena::owner(p.cast()) {
             arena::Owner::Elsewhere => ffi::lua_pushnil(L),
             arena::Owner::Arena(a) => {
-                let name = a.name.clone();
+                // (held while the string is made, which may run the collector; leaked, not
+                // dropped, if that raises)
+                let name = std::mem::ManuallyDrop::new(a.name.clone());
                 ffi::lua_pushlstring(L, name.as_ptr().cast(), name.len());
+                drop(std::mem::ManuallyDrop::into_inner(name));
             }
             arena::Owner::Reclaimed => raise(
                 L,
@@ -1249,8 +1252,11 @@ unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
 /// Finalizer of the GC cycle counter: a cycle ended (the counter was unreachable in it); counts
 /// it and arms a new counter for the next cycle. Arenas measure their age with it.
 unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua as a finalizer.
+    // SAFETY: called by Lua as a finalizer (or by hand: then only for a counter).
     unsafe {
+        if !is_gc_tick(L) {
+            return 0;
+        }
         if let Some(t) = state::tracker(L) {
             t.arenas.gc_cycles.set(t.arenas.gc_cycles.get() + 1);
             // Not armed until the new counter exists: if making it fails (out of memory), the
@@ -1265,6 +1271,26 @@ unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
         }
     }
     0
+}
+
+/// Whether argument 1 is a GC cycle counter (a zero-size userdata with its metatable).
+///
+/// # Safety
+/// `L` valid with 2 free slots.
+unsafe fn is_gc_tick(L: *mut lua_State) -> bool {
+    // SAFETY: valid state.
+    unsafe {
+        if ffi::lua_type(L, 1) != ffi::LUA_TUSERDATA
+            || ffi::lua_rawlen(L, 1) != 0
+            || ffi::lua_getmetatable(L, 1) == 0
+        {
+            return false;
+        }
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
+        let same = ffi::lua_rawequal(L, -1, -2) != 0;
+        ffi::lua_pop(L, 2);
+        same
+    }
 }
 
 /// `core.gc_count_bytes()`: the state's own count, read in the same call (for tests).
@@ -1315,7 +1341,7 @@ unsafe extern "C-unwind" fn l_stretch(L: *mut lua_State) -> c_int {
     #[cfg(lua54_gc)]
     // SAFETY: called by Lua; `lua_checkstack` reports failure instead of raising.
     unsafe {
-        let mut ar: ffi::lua_Debug = mem::zeroed();
+        let mut ar: ffi::lua_Debug = std::mem::zeroed();
         let mut depth = 0;
         while depth < 2000 && ffi::lua_getstack(L, depth, &mut ar) != 0 {
             depth += 1;
@@ -1420,7 +1446,9 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
             }
             (first, _) => {
                 // A function whose default name is known already.
-                if first == ffi::LUA_TFUNCTION {
+                if first == ffi::LUA_TFUNCTION
+                    && ffi::lua_type(L, ffi::lua_upvalueindex(2)) == ffi::LUA_TTABLE
+                {
                     ffi::lua_pushvalue(L, 1);
                     ffi::lua_rawget(L, ffi::lua_upvalueindex(2));
                 } else {
@@ -1441,6 +1469,10 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
                     }
                     ffi::lua_call(L, 2, 5);
                     let at = ffi::lua_tointeger(L, -1) as c_int;
+                    if !(1..=2).contains(&at) || at > base {
+                        // (only a replaced `prepare` upvalue can say so)
+                        raise(L, "lunet.mem: mem.scope's argument check failed".into());
+                    }
                     guard.limit = count_option(L, -2);
                     arena = arena_option(L, -3);
                     ffi::lua_pop(L, 3);

@@ -70,8 +70,6 @@ pub const MAX_DEPTH: usize = 64;
 /// Traceback depth when `opts.depth` is not given.
 pub const DEFAULT_DEPTH: usize = 8;
 
-const SNAPSHOT_MT: &CStr = c"lunet.mem.trace_snapshot";
-
 // ---------------------------------------------------------------------------------------------
 // Hashing
 
@@ -959,8 +957,8 @@ unsafe extern "C-unwind" fn l_is_on(L: *mut lua_State) -> c_int {
 
 /// `core.trace_snapshot()`: a snapshot userdata, or `nil, msg` when not tracing.
 unsafe extern "C-unwind" fn l_snapshot(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua. The snapshot is built (Rust memory) while `busy` is held, then
-    // boxed into a userdata; the userdata's own allocation is not recorded (`busy` again).
+    // SAFETY: called by Lua. The snapshot is built (Rust memory) while `busy` is held, which
+    // ends before anything can raise; the userdata's own allocation is not recorded (`paused`).
     unsafe {
         let Some(t) = tracker_of(L) else {
             return fail(L, "lunet.mem: the tracking allocator is not installed");
@@ -968,25 +966,24 @@ unsafe extern "C-unwind" fn l_snapshot(L: *mut lua_State) -> c_int {
         if !t.trace.on.get() {
             return fail(L, "not tracing (call mem.trace.start() first)");
         }
-        let snap = {
-            let Some(busy) = Busy::enter(&t.trace.busy) else {
-                return fail(L, "the tracer is busy");
-            };
-            match t.trace.recorder(&busy) {
-                Some(rec) => Box::into_raw(Box::new(rec.snapshot())),
-                None => return fail(L, "not tracing"),
-            }
+        let snap = match Busy::enter(&t.trace.busy) {
+            Some(busy) => t.trace.recorder(&busy).map(|rec| rec.snapshot()),
+            None => None,
         };
-        // A memory error in lua_newuserdata would leak the snapshot (Rust memory, no Lua
-        // object): acceptable, and nothing with a destructor is alive on this frame.
+        let Some(snap) = snap else {
+            return fail(L, "the tracer is busy");
+        };
         t.trace.paused.set(true);
-        let slot = ffi::lua_newuserdata(L, mem::size_of::<*mut Snapshot>()) as *mut *mut Snapshot;
-        slot.write(snap);
-        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, SNAPSHOT_MT.as_ptr());
-        ffi::lua_setmetatable(L, -2);
+        crate::udata::push(L, snap); // (a memory error leaks the snapshot, Rust memory only)
         t.trace.paused.set(false);
     }
     1
+}
+
+impl crate::udata::Boxed for Snapshot {
+    const METATABLE: &'static CStr = c"lunet.mem.trace_snapshot";
+    const NAME: &'static str = "snapshot";
+    const TAG: u64 = 0x6c75_6e65_7473_6e31;
 }
 
 /// The snapshot at `idx`, if it is one.
@@ -994,33 +991,8 @@ unsafe extern "C-unwind" fn l_snapshot(L: *mut lua_State) -> c_int {
 /// # Safety
 /// `L` valid with 2 free slots.
 unsafe fn to_snapshot<'a>(L: *mut lua_State, idx: c_int) -> Option<&'a Snapshot> {
-    // SAFETY: a userdata with our metatable holds a `*mut Snapshot` slot.
-    unsafe {
-        let slot = ffi::lua_touserdata(L, idx) as *mut *mut Snapshot;
-        if slot.is_null() || ffi::lua_getmetatable(L, idx) == 0 {
-            return None;
-        }
-        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, SNAPSHOT_MT.as_ptr());
-        let same = ffi::lua_rawequal(L, -1, -2) != 0;
-        ffi::lua_pop(L, 2);
-        if same && !(*slot).is_null() {
-            Some(&**slot)
-        } else {
-            None
-        }
-    }
-}
-
-unsafe extern "C-unwind" fn gc_snapshot(L: *mut lua_State) -> c_int {
-    // SAFETY: registered only in the snapshot metatable.
-    unsafe {
-        let slot = ffi::lua_touserdata(L, 1) as *mut *mut Snapshot;
-        if !slot.is_null() && !(*slot).is_null() {
-            drop(Box::from_raw(*slot));
-            *slot = ptr::null_mut();
-        }
-    }
-    0
+    // SAFETY: forwarded contract.
+    unsafe { crate::udata::test::<Snapshot>(L, idx).map(|s| &*s) }
 }
 
 /// `core.trace_is_snapshot(v)`.
@@ -1095,7 +1067,8 @@ unsafe extern "C-unwind" fn l_top(L: *mut lua_State) -> c_int {
 /// `core.trace_dump(snap, path)` / `core.trace_flamegraph(snap, path, title)`: true, or
 /// `nil, msg`.
 unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
-    // SAFETY: called by Lua with a snapshot and strings (checked by mem.lua).
+    // SAFETY: called by Lua with a snapshot and strings (checked by mem.lua); the Rust strings
+    // are dropped, or held as `ManuallyDrop`, before anything can raise.
     unsafe {
         let Some(snap) = to_snapshot(L, 1) else {
             return fail(L, "snapshot expected");
@@ -1112,17 +1085,18 @@ unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
         } else {
             snap.dump(&path)
         };
-        match result {
-            Ok(()) => {
-                drop(path);
+        let error = result
+            .err()
+            .map(|e| mem::ManuallyDrop::new(format!("{path}: {e}")));
+        drop(path);
+        match error {
+            None => {
                 ffi::lua_pushboolean(L, 1);
                 1
             }
-            Err(e) => {
-                let msg = format!("{path}: {e}");
-                drop(path);
+            Some(msg) => {
                 let r = fail(L, &msg);
-                drop(msg);
+                drop(mem::ManuallyDrop::into_inner(msg));
                 r
             }
         }
@@ -1187,10 +1161,11 @@ unsafe extern "C-unwind" fn l_site_of(L: *mut lua_State) -> c_int {
             },
             _ => None,
         };
-        match line {
+        match line.map(mem::ManuallyDrop::new) {
+            // (leaked, not dropped, if making the string raises)
             Some(line) => {
                 ffi::lua_pushlstring(L, line.as_ptr().cast(), line.len());
-                drop(line);
+                drop(mem::ManuallyDrop::into_inner(line));
             }
             None => ffi::lua_pushnil(L),
         }
@@ -1220,12 +1195,7 @@ pub unsafe fn push_functions(L: *mut lua_State) {
             ffi::lua_pushcfunction(L, f);
             ffi::lua_setfield(L, -2, name.as_ptr());
         }
-        if ffi::luaL_newmetatable(L, SNAPSHOT_MT.as_ptr()) != 0 {
-            ffi::lua_pushcfunction(L, gc_snapshot);
-            ffi::lua_setfield(L, -2, c"__gc".as_ptr());
-            ffi::lua_pushboolean(L, 0);
-            ffi::lua_setfield(L, -2, c"__metatable".as_ptr());
-        }
+        crate::udata::new_metatable::<Snapshot>(L);
         ffi::lua_setfield(L, -2, c"trace_snapshot_mt".as_ptr());
     }
 }
