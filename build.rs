@@ -5,6 +5,7 @@
 // It also names the Lua-version facts the code branches on, once:
 // - `type_tags`: the allocator gets a type tag for new objects (Lua 5.2+);
 // - `lua54_gc`: Lua 5.4's collector (generational mode, stacks shrunk only when incremental);
+// - `aux_buffers`: lauxlib's string buffers allocate through `lua_getallocf` (5.3+);
 // - `c_scope`: `mem.scope` is C with a continuation (PUC Lua but 5.2, whose `lua_pcallk` differs).
 fn main() {
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
@@ -17,6 +18,10 @@ fn main() {
             ["lua52", "lua53", "lua54", "lua55"].iter().any(|f| has(f)),
         ),
         ("lua54_gc", ["lua54", "lua55"].iter().any(|f| has(f))),
+        (
+            "aux_buffers",
+            ["lua53", "lua54", "lua55"].iter().any(|f| has(f)),
+        ),
         (
             "c_scope",
             ["lua51", "lua53", "lua54", "lua55"].iter().any(|f| has(f)),

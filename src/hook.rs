@@ -103,6 +103,9 @@ pub struct Tracker {
     /// recordings a scope saw, `jit_traces`).
     #[cfg(feature = "luajit")]
     jit_compiling: Cell<bool>,
+    /// lauxlib's string buffers (`crate::auxbuf`), counted apart from Lua's memory.
+    #[cfg(aux_buffers)]
+    pub aux: crate::auxbuf::AuxBuffers,
     /// What budgeted scopes keep (`crate::ledger`). Declared after `active_owner`, whose scope
     /// may have entries in it.
     pub ledger: crate::ledger::Ledger,
@@ -141,6 +144,8 @@ impl Tracker {
             oom_unsafe_jit: Cell::new(false),
             #[cfg(feature = "luajit")]
             jit_compiling: Cell::new(false),
+            #[cfg(aux_buffers)]
+            aux: Default::default(),
             ledger: Default::default(),
             arenas: ArenaSet::default(),
         }
@@ -414,7 +419,7 @@ pub enum Serve {
 /// The `lua_Alloc` contract (see [`hook`]); with `MIMALLOC`, every block not in
 /// mimalloc's heap was made by the host allocator.
 #[inline(always)]
-unsafe fn serve<const MIMALLOC: bool>(
+pub(crate) unsafe fn serve<const MIMALLOC: bool>(
     t: &Tracker,
     block: *mut c_void,
     osize: usize,
@@ -490,7 +495,7 @@ unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
 /// # Safety
 /// `ud` is the live tracker `t`, not used by the caller if this returns true.
 #[inline(always)]
-unsafe fn after_free(t: &Tracker, ud: *mut c_void) -> bool {
+pub(crate) unsafe fn after_free(t: &Tracker, ud: *mut c_void) -> bool {
     // SAFETY: `closing` is set only by the sentinel's finalizer in `lua_close`.
     if !t.closing.get().is_null() && unsafe { finish_close(t, ud) } {
         return true;
@@ -613,12 +618,13 @@ unsafe fn hook<const MIMALLOC: bool>(
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
     // SAFETY: the caller guarantees `ud` is a live Tracker.
     let tracker = unsafe { &*(ud as *const Tracker) };
     // (Tracing costs this hook nothing: `mem.trace.start` installs the traced hooks instead.)
     // SAFETY: forwarded contract.
-    unsafe { counted::<MIMALLOC>(tracker, ud, block, osize, nsize) }
+    unsafe { counted::<MIMALLOC>(tracker, ud, block, osize, nsize, caller) }
 }
 
 /// The hook's work without tracing: serve the call, then count what succeeded (see [`hook`]).
@@ -632,7 +638,20 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
+    // lauxlib's string buffers: not Lua's memory (see `crate::auxbuf`).
+    #[cfg(aux_buffers)]
+    if (block.is_null() && osize == 0 && tracker.aux.is_buffer_site(caller, nsize))
+        || tracker.aux.is_live_buffer(block)
+    {
+        // SAFETY: forwarded contract.
+        return unsafe {
+            crate::auxbuf::serve_buffer::<MIMALLOC>(tracker, ud, block, osize, nsize)
+        };
+    }
+    #[cfg(not(aux_buffers))]
+    let _ = caller;
     // Most calls of most programs run with no scope active: no budget, arena or attribution.
     let (scope, defer) = tracker.scope_for_call();
     if block.is_null() {
@@ -688,72 +707,141 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     result
 }
 
-/// The allocation hook that forwards every call to the host allocator ([`Serve::Host`]).
+/// Defines an exported `lua_Alloc` named `$name` that calls `$body` with one more argument: the
+/// address its caller returns to (`crate::auxbuf` tells lauxlib's string buffers by it). Where
+/// that is wanted (5.3+, whose lauxlib allocates through `lua_getallocf`) and the target is
+/// x86-64 or AArch64, the entry is two instructions that pass the return address and jump;
+/// elsewhere it is a plain function that passes 0.
 ///
-/// Exported under a fixed name and never inlined, so that it has one address: the hook is
-/// recognised by its address (see [`hook_kind`]).
+/// Every entry is exported under a fixed name and never inlined, so that it has one address: the
+/// hook is recognised by its address (see [`hook_kind`]).
+macro_rules! alloc_entry {
+    ($(#[$doc:meta])* $name:ident => $body:ident) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// See [`hook`].
+        #[cfg(all(aux_buffers, target_arch = "x86_64"))]
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            ud: *mut c_void,
+            block: *mut c_void,
+            osize: usize,
+            nsize: usize,
+        ) -> *mut c_void {
+            core::arch::naked_asm!("mov r8, qword ptr [rsp]", "jmp {body}", body = sym $body)
+        }
+
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// See [`hook`].
+        #[cfg(all(aux_buffers, target_arch = "aarch64"))]
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            ud: *mut c_void,
+            block: *mut c_void,
+            osize: usize,
+            nsize: usize,
+        ) -> *mut c_void {
+            core::arch::naked_asm!("mov x4, x30", "b {body}", body = sym $body)
+        }
+
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// See [`hook`].
+        #[cfg(not(all(aux_buffers, any(target_arch = "x86_64", target_arch = "aarch64"))))]
+        #[no_mangle]
+        #[inline(never)]
+        pub unsafe extern "C" fn $name(
+            ud: *mut c_void,
+            block: *mut c_void,
+            osize: usize,
+            nsize: usize,
+        ) -> *mut c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $body(ud, block, osize, nsize, 0) }
+        }
+    };
+}
+
+alloc_entry! {
+    /// The allocation hook that forwards every call to the host allocator ([`Serve::Host`]).
+    lunet_mem_alloc_host => host_body
+}
+alloc_entry! {
+    /// The allocation hook that serves new blocks from mimalloc ([`Serve::Mimalloc`]).
+    lunet_mem_alloc_mimalloc => mimalloc_body
+}
+alloc_entry! {
+    /// The hook that forwards every call to the host allocator and records allocation sites
+    /// (installed by `mem.trace.start`, see `crate::trace`).
+    lunet_mem_alloc_host_traced => host_traced_body
+}
+alloc_entry! {
+    /// The hook that serves new blocks from mimalloc and records allocation sites.
+    lunet_mem_alloc_mimalloc_traced => mimalloc_traced_body
+}
+
+/// The hooks' bodies: `caller` is the address the allocator's caller returns to, or 0.
 ///
 /// # Safety
 /// See [`hook`].
-#[no_mangle]
-#[inline(never)]
-pub unsafe extern "C" fn lunet_mem_alloc_host(
+unsafe extern "C" fn host_body(
     ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
     // SAFETY: forwarded contract.
-    unsafe { hook::<false>(ud, block, osize, nsize) }
+    unsafe { hook::<false>(ud, block, osize, nsize, caller) }
 }
 
-/// The allocation hook that serves new blocks from mimalloc ([`Serve::Mimalloc`]).
-///
 /// # Safety
 /// See [`hook`].
-#[no_mangle]
-#[inline(never)]
-pub unsafe extern "C" fn lunet_mem_alloc_mimalloc(
+unsafe extern "C" fn mimalloc_body(
     ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
     // SAFETY: forwarded contract.
-    unsafe { hook::<true>(ud, block, osize, nsize) }
+    unsafe { hook::<true>(ud, block, osize, nsize, caller) }
 }
 
-/// The hook that forwards every call to the host allocator and records allocation sites
-/// (installed by `mem.trace.start`, see `crate::trace`).
-///
 /// # Safety
 /// See [`hook`].
-#[no_mangle]
-#[inline(never)]
-pub unsafe extern "C" fn lunet_mem_alloc_host_traced(
+unsafe extern "C" fn host_traced_body(
     ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
     // SAFETY: forwarded contract; `ud` is a live Tracker.
-    unsafe { crate::trace::traced::<false>(&*(ud as *const Tracker), ud, block, osize, nsize) }
+    unsafe {
+        crate::trace::traced::<false>(&*(ud as *const Tracker), ud, block, osize, nsize, caller)
+    }
 }
 
-/// The hook that serves new blocks from mimalloc and records allocation sites.
-///
 /// # Safety
 /// See [`hook`].
-#[no_mangle]
-#[inline(never)]
-pub unsafe extern "C" fn lunet_mem_alloc_mimalloc_traced(
+unsafe extern "C" fn mimalloc_traced_body(
     ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
     // SAFETY: forwarded contract; `ud` is a live Tracker.
-    unsafe { crate::trace::traced::<true>(&*(ud as *const Tracker), ud, block, osize, nsize) }
+    unsafe {
+        crate::trace::traced::<true>(&*(ud as *const Tracker), ud, block, osize, nsize, caller)
+    }
 }
 
 /// The hook for `serve`.

@@ -2,6 +2,8 @@
 #![allow(non_snake_case)] // `L` for a `lua_State`, as in Lua's own source.
 
 pub mod arena;
+#[cfg(aux_buffers)]
+pub mod auxbuf;
 pub mod capi;
 pub mod coroutine;
 pub mod hook;
@@ -56,6 +58,9 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
     // value alive.
     unsafe {
         ffi::luaL_checkstack(L, 16, std::ptr::null());
+        if push_other_copy(L) {
+            return 1;
+        }
         let t = state::install(L, state::default_serve());
         #[cfg(feature = "luajit")]
         {
@@ -64,7 +69,11 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
             }
             t.oom_unsafe_jit.set(luajit::is_beta(L));
         }
-        #[cfg(not(feature = "luajit"))]
+        #[cfg(aux_buffers)]
+        if t.aux.blocks() == 0 && !t.aux.calibrated() {
+            auxbuf::calibrate(L, t);
+        }
+        #[cfg(not(any(feature = "luajit", aux_buffers)))]
         let _ = t;
         let status = ffi::luaL_loadbuffer(
             L,
@@ -77,8 +86,49 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
         }
         lua_api::push_core(L);
         ffi::lua_call(L, 1, 1);
+        // This copy of the library owns the state from now on (see `push_other_copy`).
+        ffi::lua_createtable(L, 0, 2);
+        ffi::lua_pushvalue(L, -2);
+        ffi::lua_setfield(L, -2, c"module".as_ptr());
+        ffi::lua_pushcfunction(L, open);
+        ffi::lua_setfield(L, -2, c"open".as_ptr());
+        ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, OWNER_KEY.as_ptr());
     }
     1
+}
+
+/// Registry key of `{module = <the module table>, open = <the open function>}` of the copy of the
+/// library that installed the tracker on the state.
+const OWNER_KEY: &std::ffi::CStr = c"lunet.mem.owner";
+
+/// If another copy of this library (loaded from another path: a second rock tree, a vendored
+/// copy) already owns the state, pushes its module table and returns true: two trackers and two
+/// sets of coroutine wrappers on one state would each find the other's hook installed. Its
+/// module serves every `require` in the state.
+///
+/// # Safety
+/// `L` valid with 3 free slots.
+unsafe fn push_other_copy(L: *mut lua_State) -> bool {
+    // SAFETY: valid state; values are type-checked before use.
+    unsafe {
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, OWNER_KEY.as_ptr());
+        if ffi::lua_type(L, -1) == ffi::LUA_TTABLE {
+            ffi::lua_getfield(L, -1, c"open".as_ptr());
+            let theirs = ffi::lua_tocfunction(L, -1);
+            ffi::lua_pop(L, 1);
+            let ours: ffi::lua_CFunction = open;
+            if theirs.is_some_and(|f| !std::ptr::fn_addr_eq(f, ours)) {
+                ffi::lua_getfield(L, -1, c"module".as_ptr());
+                if ffi::lua_type(L, -1) == ffi::LUA_TTABLE {
+                    ffi::lua_remove(L, -2);
+                    return true;
+                }
+                ffi::lua_pop(L, 1);
+            }
+        }
+        ffi::lua_pop(L, 1);
+        false
+    }
 }
 
 #[cfg(feature = "module")]

@@ -187,6 +187,8 @@ struct Snapshot {
     arenas: u64,
     arenas_reclaimed: u64,
     gc_cycles: u64,
+    buffer_bytes: u64,
+    buffer_blocks: u64,
 }
 
 impl Snapshot {
@@ -209,6 +211,14 @@ impl Snapshot {
             arenas: t.arenas.count.get(),
             arenas_reclaimed: t.arenas.reclaimed.get(),
             gc_cycles: t.arenas.gc_cycles.get(),
+            #[cfg(aux_buffers)]
+            buffer_bytes: t.aux.bytes.get(),
+            #[cfg(aux_buffers)]
+            buffer_blocks: t.aux.blocks() as u64,
+            #[cfg(not(aux_buffers))]
+            buffer_bytes: 0,
+            #[cfg(not(aux_buffers))]
+            buffer_blocks: 0,
         }
     }
 }
@@ -257,6 +267,8 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
         set_int(L, c"arenas", s.arenas as i64);
         set_int(L, c"arenas_reclaimed", s.arenas_reclaimed as i64);
         set_int(L, c"gc_cycles", s.gc_cycles as i64);
+        set_int(L, c"buffer_bytes", s.buffer_bytes as i64);
+        set_int(L, c"buffer_blocks", s.buffer_blocks as i64);
         #[cfg(type_tags)]
         {
             ffi::lua_createtable(L, 0, 8);
@@ -820,6 +832,20 @@ unsafe fn scope_finish_lua(L: *mut lua_State, raise_error: bool) -> c_int {
     }
 }
 
+/// `core.address_name(v)`: `"<type>: <address>"`, what `tostring` says of a table or function
+/// without a `__tostring` metamethod, without running one.
+unsafe extern "C-unwind" fn l_address_name(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let kind = CStr::from_ptr(ffi::lua_typename(L, ffi::lua_type(L, 1)));
+        let p = ffi::lua_topointer(L, 1);
+        let name = std::mem::ManuallyDrop::new(format!("{}: {:p}", kind.to_string_lossy(), p));
+        ffi::lua_pushlstring(L, name.as_ptr().cast(), name.len());
+        drop(std::mem::ManuallyDrop::into_inner(name));
+    }
+    1
+}
+
 /// `core.budgeted_scopes()`: the number of budgeted scopes made and not closed.
 unsafe extern "C-unwind" fn l_budgeted_scopes(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
@@ -1058,6 +1084,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         }
         for (name, f) in [
             (c"budgeted_scopes", l_budgeted_scopes as ffi::lua_CFunction),
+            (c"address_name", l_address_name),
             (c"jit_can_switch", l_jit_can_switch),
             (c"cpcall", l_cpcall),
         ] {

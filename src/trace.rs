@@ -816,7 +816,16 @@ pub unsafe fn traced<const MIMALLOC: bool>(
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
+    // (lauxlib's string buffers are not Lua's memory: not recorded, see `crate::auxbuf`)
+    #[cfg(aux_buffers)]
+    if (block.is_null() && osize == 0 && t.aux.is_buffer_site(caller, nsize))
+        || t.aux.is_live_buffer(block)
+    {
+        // SAFETY: forwarded contract.
+        return unsafe { crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller) };
+    }
     // SAFETY: forwarded contract. The stack is read before the block is served, the records
     // are updated after; a free may end the tracker, so its record goes first.
     unsafe {
@@ -830,7 +839,7 @@ pub unsafe fn traced<const MIMALLOC: bool>(
             } else {
                 None
             };
-            let result = crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize);
+            let result = crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
             if let (Some(site), false) = (site, result.is_null()) {
                 t.trace.after_new(result, nsize, site);
             }
@@ -838,9 +847,9 @@ pub unsafe fn traced<const MIMALLOC: bool>(
         }
         if nsize == 0 {
             t.trace.before_free(block, osize);
-            return crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize);
+            return crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
         }
-        let result = crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize);
+        let result = crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
         if !result.is_null() {
             t.trace.after_move(block, result, nsize);
         }

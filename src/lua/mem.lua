@@ -3,8 +3,8 @@
 -- of src/lua_api.rs as `core`. Returns the module table.
 local core = ...
 
-local collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget =
-  collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget
+local collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget, select =
+  collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget, select
 local floor, format, concat = math.floor, string.format, table.concat
 local getmetatable = (rawget(_G, "debug") and debug.getmetatable) or getmetatable
 local getinfo = rawget(_G, "debug") and debug.getinfo
@@ -160,7 +160,12 @@ local function settle()
   settling = true
   return settle_done(pcall(settle_now))
 end
-M.settle = settle
+function M.settle(...)
+  if select("#", ...) > 0 then
+    argerror(1, "settle", "no argument expected, got " .. typename((...)), 2)
+  end
+  return settle()
+end
 
 local function plural(n, word)
   if n == 1 or n == -1 then return word end
@@ -173,7 +178,7 @@ local function label_of(fn, opts)
   if info and info.what ~= "C" then
     return format("function <%s:%d>", info.short_src, info.linedefined)
   end
-  return tostring(fn)
+  return core.address_name(fn) -- (tostring would run a __tostring metamethod, which may fail)
 end
 
 -- Checkpoints -----------------------------------------------------------------------------------
@@ -334,11 +339,13 @@ local function judge(fn, opts, fname, level)
   -- Both arrays are sized before the first measurement, so filling them allocates nothing.
   local bytes, blocks = {}, {}
   for i = 1, runs do bytes[i], blocks[i] = 0, 0 end
-  local b0, k0 = settle()
-  for i = 1, runs do
-    fn()
+  -- Every reading is taken at the same call site: live memory includes this thread's stack,
+  -- whose size after a collection follows the slots in use where the collection ran.
+  local b0, k0 = 0, 0
+  for i = 0, runs do
+    if i > 0 then fn() end
     local b1, k1 = settle()
-    bytes[i], blocks[i] = b1 - b0, k1 - k0
+    if i > 0 then bytes[i], blocks[i] = b1 - b0, k1 - k0 end
     b0, k0 = b1, k1
   end
 

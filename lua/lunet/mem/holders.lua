@@ -268,10 +268,56 @@ local function seed(w, opts)
   if co then root(w, getmetatable(co), "debug.getmetatable(coroutine.running())") end
 end
 
+-- Arguments ------------------------------------------------------------------------------------
+
+local function argerror(n, fname, msg)
+  error(format("bad argument #%d to '%s' (%s)", n, fname, msg), 3)
+end
+
+-- What each option must be: nil when fine, else what was expected.
+local OPTION_CHECKS = {
+  roots = function(v)
+    if type(v) ~= "table" then return "table of {value, name} pairs" end
+    for i, r in ipairs(v) do
+      if type(r) ~= "table" or type(r[2]) ~= "string" then
+        return format("table of {value, name} pairs (entry %d is not)", i)
+      end
+    end
+  end,
+  limit = function(v)
+    if type(v) ~= "number" or v < 0 or v ~= math.floor(v) then return "non-negative integer" end
+  end,
+  indent = function(v)
+    if type(v) ~= "string" then return "string" end
+  end,
+  site_of = function(v)
+    if type(v) ~= "function" then return "function" end
+  end,
+}
+
+-- Checks argument `n` of `fname`: nil or a table of options among `allowed`.
+local function check_opts(opts, n, fname, allowed)
+  if opts == nil then return end
+  if type(opts) ~= "table" then
+    argerror(n, fname, "table expected, got " .. type(opts))
+  end
+  for k, v in pairs(opts) do
+    if not allowed[k] then argerror(n, fname, format("unknown option '%s'", tostring(k))) end
+    local expected = OPTION_CHECKS[k](v)
+    if expected then
+      argerror(n, fname, format("option '%s': %s expected, got %s", k, expected, type(v)))
+    end
+  end
+end
+
+local SNAPSHOT_OPTS = { roots = true }
+local EXPLAIN_OPTS = { roots = true, limit = true, indent = true, site_of = true }
+
 --- The objects alive now: a weak-keyed set of every object reachable from the roots, through
 -- weak references too, with each table's entry count as its value (`true` for the others).
 -- `opts.roots`: more roots, a list of `{ value, name }`.
 function holders.snapshot(opts)
+  check_opts(opts, 1, "snapshot", SNAPSHOT_OPTS)
   local w = new_walk(false, false)
   w.counts = w.seen -- tables record their entry count
   local set = w.seen
@@ -385,6 +431,10 @@ end
 -- `opts.indent`: prefix of each line ("  "). `opts.site_of(v)`: the line that allocated `v` (or
 -- nil), used for the group's site in place of the holder's.
 function holders.explain(before, opts)
+  if type(before) ~= "table" or rawget(before, before) ~= true then
+    argerror(1, "explain", "snapshot expected, got " .. type(before))
+  end
+  check_opts(opts, 2, "explain", EXPLAIN_OPTS)
   local limit = opts and opts.limit or 8
   local indent = opts and opts.indent or "  "
   -- opts.site_of(v): the line that allocated `v`, if known (mem.trace records it)

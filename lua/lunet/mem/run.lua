@@ -5,18 +5,33 @@
 -- stderr (and the pictures), also when the script fails or calls os.exit.
 local mem = require "lunet.mem"
 
+local function usage_error(msg)
+  io.stderr:write("lunet-mem: ", msg, "\n")
+  os.exit(2)
+end
+
+-- An option's value as an integer from `lo` to `hi`, or a usage error naming it.
+local function integer(name, value, lo, hi)
+  local n = tonumber(value)
+  if not n or n ~= math.floor(n) or n < lo or n > hi then
+    local range = hi == math.huge and (">= %d"):format(lo) or ("from %d to %d"):format(lo, hi)
+    usage_error(("%s expects a whole number %s, got '%s'"):format(name, range, tostring(value)))
+  end
+  return n
+end
+
 local argv = arg or {}
 local opts, i = { top = 10 }, 1
 while argv[i] and argv[i] ~= "--" do
   local name, value = argv[i], argv[i + 1]
-  if name == "--sample-bytes" then opts.sample_bytes = tonumber(value)
-  elseif name == "--depth" then opts.depth = tonumber(value)
+  if value == nil then usage_error(name .. " needs a value") end
+  if name == "--sample-bytes" then opts.sample_bytes = integer(name, value, 1, 2 ^ 40)
+  elseif name == "--depth" then opts.depth = integer(name, value, 1, 64)
   elseif name == "--flamegraph" then opts.flamegraph = value
   elseif name == "--dump" then opts.dump = value
-  elseif name == "--top" then opts.top = tonumber(value)
+  elseif name == "--top" then opts.top = integer(name, value, 0, math.huge)
   else
-    io.stderr:write("lunet-mem: unknown option ", tostring(name), "\n")
-    os.exit(2)
+    usage_error("unknown option " .. tostring(name))
   end
   i = i + 2
 end

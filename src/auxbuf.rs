@@ -1,0 +1,227 @@
+//! lauxlib's string buffers: memory that C code allocates through `lua_getallocf`, which Lua's
+//! own count leaves out.
+//!
+//! From Lua 5.3 on, a `luaL_Buffer` that outgrows its space on the C stack moves into a "box": a
+//! userdata (Lua's, counted) whose contents lauxlib allocates, grows and frees by calling the
+//! state's allocator itself (`lua_getallocf`), not through Lua's memory manager. So
+//! `collectgarbage("count")` omits those blocks, and a tracker that counted them in `live_bytes`
+//! would disagree with Lua inside a `string.gsub` callback, or after an error abandons a buffer
+//! until the collector frees its box. `live_bytes` is Lua's count; these blocks are counted apart
+//! (`buffer_bytes`, `buffer_blocks`), outside scopes, budgets and arenas.
+//!
+//! They are told apart by who calls: the allocator's entry passes the address its caller returns
+//! to (`crate::hook`'s entries), and the places in lauxlib that make a box are learnt when the
+//! module is opened ([`calibrate`]: each lauxlib function that can make one is called once with a
+//! size nothing else asks for). A box's later resizes and its free are known by its address.
+
+use std::cell::{Cell, UnsafeCell};
+use std::ffi::{c_char, c_int, c_void};
+
+use mlua::ffi::{self, lua_State};
+
+use crate::hook::Tracker;
+
+/// How many places in lauxlib that make a box are remembered.
+const SITES: usize = 6;
+/// The buffer size the calibration asks for: larger than every `LUAL_BUFFERSIZE`, and one no
+/// other allocation of the calibration has.
+const CALIBRATION_SIZE: usize = 20011;
+/// An empty site slot (no return address is `usize::MAX`).
+const NO_SITE: usize = usize::MAX;
+
+/// The boxes of one state. Single-threaded, like the state.
+pub struct AuxBuffers {
+    /// Return addresses of lauxlib's calls that make a box.
+    sites: [Cell<usize>; SITES],
+    /// While the module calibrates: new blocks of [`CALIBRATION_SIZE`] are boxes.
+    calibrating: Cell<bool>,
+    /// Live boxes: address and size.
+    live: UnsafeCell<Vec<(usize, usize)>>,
+    /// `live.len()`, readable without touching the list.
+    live_count: Cell<usize>,
+    /// Bytes in live boxes.
+    pub bytes: Cell<u64>,
+}
+
+impl Default for AuxBuffers {
+    fn default() -> Self {
+        AuxBuffers {
+            sites: std::array::from_fn(|_| Cell::new(NO_SITE)),
+            calibrating: Cell::new(false),
+            live: UnsafeCell::new(Vec::new()),
+            live_count: Cell::new(0),
+            bytes: Cell::new(0),
+        }
+    }
+}
+
+impl AuxBuffers {
+    /// Whether a new block of `nsize` bytes asked for by `caller` is a box.
+    #[inline(always)]
+    pub fn is_buffer_site(&self, caller: usize, nsize: usize) -> bool {
+        let s = &self.sites;
+        caller == s[0].get()
+            || caller == s[1].get()
+            || caller == s[2].get()
+            || (s[3].get() != NO_SITE && self.is_later_site(caller))
+            || (self.calibrating.get() && nsize == CALIBRATION_SIZE && self.learn(caller))
+    }
+
+    #[cold]
+    fn is_later_site(&self, caller: usize) -> bool {
+        self.sites[3..].iter().any(|s| s.get() == caller)
+    }
+
+    /// Remembers `caller` as a place that makes boxes (calibration).
+    #[cold]
+    fn learn(&self, caller: usize) -> bool {
+        if caller == 0 || caller == NO_SITE {
+            return false; // (the entries cannot tell who calls on this target)
+        }
+        if self.sites.iter().any(|s| s.get() == caller) {
+            return true;
+        }
+        match self.sites.iter().find(|s| s.get() == NO_SITE) {
+            Some(slot) => {
+                slot.set(caller);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a place that makes boxes is known (calibration ran).
+    pub fn calibrated(&self) -> bool {
+        self.sites[0].get() != NO_SITE
+    }
+
+    /// Whether `block` is a live box.
+    #[inline(always)]
+    pub fn is_live_buffer(&self, block: *mut c_void) -> bool {
+        self.live_count.get() != 0 && self.index_of(block as usize).is_some()
+    }
+
+    /// The number of live boxes.
+    pub fn blocks(&self) -> usize {
+        self.live_count.get()
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn list(&self) -> &mut Vec<(usize, usize)> {
+        // SAFETY: reached only through these methods, which never call out while holding it.
+        unsafe { &mut *self.live.get() }
+    }
+
+    #[cold]
+    fn index_of(&self, addr: usize) -> Option<usize> {
+        self.list().iter().position(|&(a, _)| a == addr)
+    }
+
+    fn changed(&self) {
+        self.live_count.set(self.list().len());
+    }
+}
+
+/// Serves a call of the hook for a box: a new one, a resize or a free. Counted apart (see the
+/// module doc); the block comes from where `MIMALLOC` says, as any other.
+///
+/// # Safety
+/// The `lua_Alloc` contract; `ud` is the live tracker `t`; a non-null `block` is a live box.
+#[cold]
+#[inline(never)]
+pub unsafe fn serve_buffer<const MIMALLOC: bool>(
+    t: &Tracker,
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    let aux = &t.aux;
+    // SAFETY: forwarded contract.
+    let result = unsafe { crate::hook::serve::<MIMALLOC>(t, block, osize, nsize) };
+    if block.is_null() {
+        if !result.is_null() {
+            aux.list().push((result as usize, nsize));
+            aux.bytes.set(aux.bytes.get() + nsize as u64);
+            aux.changed();
+        }
+        return result;
+    }
+    let Some(i) = aux.index_of(block as usize) else {
+        return result; // (unreachable: the caller checked)
+    };
+    if nsize == 0 {
+        aux.list().swap_remove(i);
+        aux.bytes.set(aux.bytes.get() - osize as u64);
+        aux.changed();
+        // SAFETY: `t` is not used after this.
+        unsafe { crate::hook::after_free(t, ud) };
+    } else if !result.is_null() {
+        aux.list()[i] = (result as usize, nsize);
+        aux.bytes.set(aux.bytes.get() + nsize as u64 - osize as u64);
+    }
+    result
+}
+
+/// Lua 5.3+'s `luaL_Buffer`, with more room in `init` than any `LUAL_BUFFERSIZE` lauxlib was
+/// built with (it writes at most that much there; the other fields are at the same offsets in
+/// every build).
+#[repr(C)]
+struct Buffer {
+    b: *mut c_char,
+    size: usize,
+    n: usize,
+    L: *mut lua_State,
+    init: [u64; 8192],
+}
+
+extern "C-unwind" {
+    fn luaL_buffinit(L: *mut lua_State, b: *mut Buffer);
+    fn luaL_buffinitsize(L: *mut lua_State, b: *mut Buffer, sz: usize) -> *mut c_char;
+    fn luaL_prepbuffsize(b: *mut Buffer, sz: usize) -> *mut c_char;
+    fn luaL_addlstring(b: *mut Buffer, s: *const c_char, l: usize);
+    fn luaL_addvalue(b: *mut Buffer);
+    fn luaL_pushresult(b: *mut Buffer);
+}
+
+/// Learns where lauxlib makes boxes: each of its functions that can make one is called with a
+/// buffer of [`CALIBRATION_SIZE`] bytes, in a protected call (a memory error only leaves fewer
+/// places known). Called once per state, when the module is opened.
+///
+/// # Safety
+/// `L` valid with 4 free slots, `t` its tracker.
+pub unsafe fn calibrate(L: *mut lua_State, t: &Tracker) {
+    static BYTES: [u8; CALIBRATION_SIZE] = [b'x'; CALIBRATION_SIZE];
+    unsafe extern "C-unwind" fn run(L: *mut lua_State) -> c_int {
+        // SAFETY: called through lua_pcall; the buffer lives in this frame until its result is
+        // pushed (the box is a userdata on the stack meanwhile, as lauxlib requires). Nothing
+        // here owns Rust memory, so a memory error leaves nothing behind.
+        unsafe {
+            let bytes = &BYTES;
+            let mut buffer = std::mem::MaybeUninit::<Buffer>::uninit();
+            let b = buffer.as_mut_ptr();
+            luaL_buffinit(L, b);
+            luaL_prepbuffsize(b, CALIBRATION_SIZE);
+            luaL_pushresult(b);
+            luaL_buffinit(L, b);
+            luaL_addlstring(b, bytes.as_ptr().cast(), bytes.len());
+            luaL_pushresult(b);
+            luaL_buffinitsize(L, b, CALIBRATION_SIZE);
+            luaL_pushresult(b);
+            luaL_buffinit(L, b);
+            ffi::lua_pushlstring(L, bytes.as_ptr().cast(), bytes.len());
+            luaL_addvalue(b);
+            luaL_pushresult(b);
+        }
+        0
+    }
+    // SAFETY: a protected call of `run`.
+    unsafe {
+        t.aux.calibrating.set(true);
+        ffi::lua_pushcfunction(L, run);
+        if ffi::lua_pcall(L, 0, 0, 0) != ffi::LUA_OK {
+            ffi::lua_pop(L, 1);
+        }
+        t.aux.calibrating.set(false);
+    }
+}
