@@ -349,7 +349,7 @@ unsafe fn luajit_not_resumable(
     unsafe {
         let status = ffi::lua_status(co);
         if co == L || (status == ffi::LUA_OK && has_frames(co)) {
-            Some(c"cannot resume non-suspended coroutine")
+            Some(c"cannot resume running coroutine") // (LJ_ERR_CORUN, as its ffh_resume says)
         } else if status > ffi::LUA_YIELD || (status == ffi::LUA_OK && ffi::lua_gettop(co) == 0) {
             Some(c"cannot resume dead coroutine")
         } else {
@@ -678,6 +678,106 @@ unsafe fn auxstatus54(L: *mut lua_State, co: *mut lua_State) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A `resume` that is not the stock one
+
+/// `core.co_resume_via(f)`: a `coroutine.resume` that calls `f` (a `resume` some library
+/// installed before the module was loaded: an instrumenting wrapper, a runtime's own), with the
+/// switches around it. `f` runs in protected mode, so that whatever it raises, the resumer's
+/// scope is active again before the error goes on.
+unsafe extern "C-unwind" fn co_resume_via(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua with the function to wrap.
+    unsafe {
+        ffi::luaL_checkany(L, 1);
+        ffi::lua_settop(L, 1);
+        ffi::lua_pushcclosure(L, resume_via, 1);
+    }
+    1
+}
+
+/// The function [`co_resume_via`] makes.
+unsafe extern "C-unwind" fn resume_via(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; the stack is [co, args...], then [co, f, co, args...] for the call,
+    // and `co` stays at 1 for `leave`.
+    unsafe {
+        let nargs = ffi::lua_gettop(L);
+        ffi::luaL_checkstack(L, 3, c"too many arguments".as_ptr());
+        ffi::lua_pushvalue(L, ffi::lua_upvalueindex(1));
+        ffi::lua_insert(L, 1);
+        ffi::lua_pushvalue(L, 2);
+        ffi::lua_insert(L, 1);
+        let t = state::tracker(L);
+        let entered = match t {
+            Some(t) if ffi::lua_type(L, 1) == ffi::LUA_TTHREAD => enter(L, t, 1),
+            _ => false,
+        };
+        let status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
+        if entered {
+            if let Some(t) = state::tracker(L) {
+                leave(L, t, 1);
+            }
+        }
+        #[cfg(feature = "luajit")]
+        restore_current_thread(L);
+        ffi::lua_remove(L, 1);
+        if status != ffi::LUA_OK {
+            ffi::lua_error(L);
+        }
+        ffi::lua_gettop(L)
+    }
+}
+
+/// `core.is_stock(name, f)`: whether `f` is the stock `coroutine[name]` of this Lua (then the
+/// module puts its own in place, which does the same; else it wraps `f`, or leaves it).
+unsafe extern "C-unwind" fn is_stock(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua with a string and a value.
+    unsafe {
+        ffi::lua_settop(L, 2);
+        let stock = match ffi::lua_tocfunction(L, 2) {
+            None => false,
+            Some(f) => is_stock_cfunction(L, f),
+        };
+        ffi::lua_pushboolean(L, stock as c_int);
+    }
+    1
+}
+
+/// Whether the C function `f` (argument 2, named by argument 1) is the stock coroutine function
+/// of that name: on 5.2+ compared with a fresh `luaopen_coroutine` table; on 5.1, whether it is
+/// in the same object (executable or library) as Lua's own API.
+///
+/// # Safety
+/// `L` valid with 3 free slots, the name at 1.
+unsafe fn is_stock_cfunction(L: *mut lua_State, f: ffi::lua_CFunction) -> bool {
+    // SAFETY: valid state; `luaopen_coroutine` only builds a table.
+    unsafe {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        {
+            ffi::lua_pushcfunction(L, ffi::luaopen_coroutine);
+            if ffi::lua_pcall(L, 0, 1, 0) != ffi::LUA_OK || ffi::lua_type(L, -1) != ffi::LUA_TTABLE
+            {
+                ffi::lua_pop(L, 1);
+                return false;
+            }
+            ffi::lua_pushvalue(L, 1);
+            ffi::lua_rawget(L, -2);
+            let fresh = ffi::lua_tocfunction(L, -1);
+            ffi::lua_pop(L, 2);
+            fresh.is_some_and(|g| std::ptr::fn_addr_eq(f, g))
+        }
+        #[cfg(any(feature = "lua51", feature = "luajit"))]
+        {
+            let _ = L;
+            let base_of = |p: *const std::ffi::c_void| {
+                let mut info: libc::Dl_info = mem::zeroed();
+                (libc::dladdr(p, &mut info) != 0).then_some(info.dli_fbase)
+            };
+            let ours = base_of(ffi::lua_gettop as *const std::ffi::c_void);
+            ours.is_some() && base_of(f as *const std::ffi::c_void) == ours
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Registration and the C entry for runtimes that resume coroutines from C
 
 /// Adds `co_resume`, `co_wrap`, `co_yield` (and `co_close` on 5.4+) to the table on top.
@@ -691,6 +791,8 @@ pub(crate) unsafe fn push_functions(L: *mut lua_State) {
             (c"co_resume", co_resume),
             (c"co_wrap", co_wrap),
             (c"co_yield", co_yield),
+            (c"co_resume_via", co_resume_via),
+            (c"is_stock", is_stock),
             #[cfg(any(feature = "lua54", feature = "lua55"))]
             (c"co_close", co_close),
         ];

@@ -99,6 +99,16 @@ pub struct Tracker {
     /// and fail the interpreter's next allocation instead.
     #[cfg(feature = "luajit")]
     pub oom_unsafe_jit: Cell<bool>,
+    /// LuaJIT 2.1 betas: whether the module turned the compiler off for a budgeted scope, and
+    /// whether it was on before (see `follow_jit_guard`).
+    #[cfg(feature = "luajit")]
+    jit_guard_off: Cell<bool>,
+    #[cfg(feature = "luajit")]
+    jit_guard_was_on: Cell<bool>,
+    /// LuaJIT: compiled code went past a budget (admitted, see `Scope::overdrawn`): its traces
+    /// are flushed at the next safe point, so that the code runs interpreted next time.
+    #[cfg(feature = "luajit")]
+    pub jit_overdraft: Cell<bool>,
     /// LuaJIT: whether the last scoped allocation came from the trace compiler (to count the
     /// recordings a scope saw, `jit_traces`).
     #[cfg(feature = "luajit")]
@@ -143,6 +153,12 @@ impl Tracker {
             #[cfg(feature = "luajit")]
             oom_unsafe_jit: Cell::new(false),
             #[cfg(feature = "luajit")]
+            jit_guard_off: Cell::new(false),
+            #[cfg(feature = "luajit")]
+            jit_guard_was_on: Cell::new(false),
+            #[cfg(feature = "luajit")]
+            jit_overdraft: Cell::new(false),
+            #[cfg(feature = "luajit")]
             jit_compiling: Cell::new(false),
             #[cfg(aux_buffers)]
             aux: Default::default(),
@@ -184,7 +200,24 @@ impl Tracker {
     #[inline(always)]
     fn admits(&self, scope: *const Scope, delta: usize, defer: bool) -> bool {
         // SAFETY: a non-null `scope` is the active one, kept alive by `active_owner`.
-        scope.is_null() || unsafe { (*scope).admits(delta) } || defer
+        scope.is_null() || unsafe { (*scope).admits(delta) } || (defer && self.overdraw(scope))
+    }
+
+    /// An allocation past the budgets of `scope` is admitted anyway: `scope` fails when it
+    /// closes, if nothing fails sooner. Returns true.
+    #[cold]
+    fn overdraw(&self, scope: *const Scope) -> bool {
+        // SAFETY: `scope` is the live active scope.
+        unsafe { (*scope).overdrawn.set(true) };
+        #[cfg(feature = "luajit")]
+        if self
+            .vm
+            .get()
+            .is_some_and(|vm| vm.doing() == crate::luajit::Doing::Compiled)
+        {
+            self.jit_overdraft.set(true);
+        }
+        true
     }
 
     /// The scope a call of the hook is for: the active one, unless the module is doing its own
@@ -291,13 +324,46 @@ impl Tracker {
         active
     }
 
+    /// LuaJIT 2.1 betas: the trace compiler is off while a budgeted scope is active, so that a
+    /// loop that gets hot inside a budget runs interpreted, where the budget fails it at once
+    /// (compiled code may only be refused later, see `scope_for_call`); it is on again (if it
+    /// was) as soon as the active scope is not budgeted: when the scope closes, or its
+    /// coroutine yields or is abandoned. Never switched inside a finalizer (LuaJIT refuses it
+    /// there): the next switch outside one catches up.
+    #[cfg(feature = "luajit")]
+    fn follow_jit_guard(&self, budgeted: bool) {
+        if !self.oom_unsafe_jit.get() || budgeted == self.jit_guard_off.get() {
+            return;
+        }
+        let Some(vm) = self.vm.get() else { return };
+        if vm.in_finalizer() {
+            return;
+        }
+        // SAFETY: called from the module's C functions, outside finalizers.
+        unsafe {
+            if budgeted {
+                let was_on = vm.jit_on();
+                self.jit_guard_was_on.set(was_on);
+                if was_on {
+                    vm.set_jit(false);
+                }
+            } else if self.jit_guard_was_on.get() {
+                vm.set_jit(true);
+            }
+        }
+        self.jit_guard_off.set(budgeted);
+    }
+
     /// Whether `scope` is the active scope.
     pub fn is_active(&self, scope: &Rc<Scope>) -> bool {
         std::ptr::eq(self.active.get(), Rc::as_ptr(scope))
     }
 
-    /// Makes `scope` the one allocations are attributed to.
+    /// Makes `scope` the one allocations are attributed to. (Called by the module's C functions
+    /// only, never by the hook.)
     pub fn set_active_scope(&self, scope: Option<Rc<Scope>>) {
+        #[cfg(feature = "luajit")]
+        self.follow_jit_guard(scope.as_ref().is_some_and(|s| s.is_budgeted()));
         self.active
             .set(scope.as_ref().map_or(ptr::null(), Rc::as_ptr));
         // Dropping the previous owner may free a scope: Rust heap only, no Lua allocation.
@@ -685,7 +751,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     if !scope.is_null()
         && nsize > osize
         && !tracker.admits(scope, nsize - osize, defer)
-        && tracker.may_refuse_growth(block)
+        && (tracker.may_refuse_growth(block) || !tracker.overdraw(scope))
     {
         return ptr::null_mut();
     }

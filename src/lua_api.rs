@@ -5,6 +5,7 @@
 //! coroutine hooks run on every resume. Errors are raised with `lua_error`, which does not unwind
 //! Rust frames: every function below raises only when no value with a destructor is alive.
 
+use std::cell::Cell;
 use std::ffi::{c_int, c_void, CStr};
 
 use std::ptr;
@@ -36,51 +37,122 @@ pub struct Checkpoint {
 /// # Safety
 /// `L` valid; no value with a destructor may be alive in the caller's frames (the error does not
 /// unwind them). `msg` is dropped here, before raising.
-pub(crate) unsafe fn raise(L: *mut lua_State, msg: String) -> ! {
-    // SAFETY: valid state; `msg` is copied into Lua and dropped before `lua_error` (and leaked,
-    // not dropped, if copying it raises a memory error).
+pub(crate) unsafe fn raise(L: *mut lua_State, msg: &CStr) -> ! {
+    // SAFETY: valid state; the message is static, nothing of Rust's is alive.
     unsafe {
-        let msg = std::mem::ManuallyDrop::new(msg);
         ffi::luaL_where(L, 1);
-        ffi::lua_pushlstring(L, msg.as_ptr().cast(), msg.len());
-        drop(std::mem::ManuallyDrop::into_inner(msg));
+        ffi::lua_pushstring(L, msg.as_ptr());
         ffi::lua_concat(L, 2);
         ffi::lua_error(L)
+    }
+}
+
+/// Runs `push` in protected mode: it may raise (a memory error while it builds Lua values from
+/// Rust ones it borrows), and the error is caught. Returns true with the one value `push` left
+/// on top, or false with the error object on top: the caller then drops what `push` borrowed
+/// and raises it with `lua_error`, so that no Rust value is alive when the error propagates.
+///
+/// # Safety
+/// `L` valid with 3 free slots; `push` pushes exactly one value and owns no Rust value itself.
+pub(crate) unsafe fn protected(L: *mut lua_State, push: &mut dyn FnMut()) -> bool {
+    let mut push = push;
+    // SAFETY: a protected call of `protected_trampoline` with a pointer to `push`. The function
+    // is taken from the registry, where `push_core` put it: pushing a C function allocates a
+    // closure on 5.1 and LuaJIT, which may fail before the protected call starts.
+    unsafe {
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, PROTECTED_KEY.as_ptr());
+        let ours: ffi::lua_CFunction = protected_trampoline;
+        if !ffi::lua_tocfunction(L, -1).is_some_and(|f| std::ptr::fn_addr_eq(f, ours)) {
+            ffi::lua_pop(L, 1);
+            ffi::lua_pushcfunction(L, protected_trampoline);
+        }
+        let current = &mut push as *mut &mut dyn FnMut() as *mut c_void;
+        let outer = PROTECTED_CLOSURE.replace(current);
+        ffi::lua_pushlightuserdata(L, current);
+        let ok = ffi::lua_pcall(L, 1, 1, 0) == ffi::LUA_OK;
+        PROTECTED_CLOSURE.set(outer);
+        ok
+    }
+}
+
+thread_local! {
+    /// The closure [`protected`] is about to run, until [`protected_trampoline`] takes it: a
+    /// call of the trampoline by hand (the registry is reachable from Lua), even with a copy of
+    /// its argument, finds nothing to run.
+    static PROTECTED_CLOSURE: Cell<*mut c_void> = const { Cell::new(ptr::null_mut()) };
+}
+
+/// The C function [`protected`] calls: runs the closure its argument points to.
+unsafe extern "C-unwind" fn protected_trampoline(L: *mut lua_State) -> c_int {
+    // SAFETY: called by `protected` only (a call by hand passes no light userdata and gets an
+    // error): argument 1 points to its closure, alive in its frame for the duration of the call.
+    unsafe {
+        let expected = PROTECTED_CLOSURE.replace(ptr::null_mut());
+        if expected.is_null() || ffi::lua_touserdata(L, 1) != expected {
+            raise(L, c"lunet.mem: internal function called by hand");
+        }
+        let push = &mut **(expected as *mut &mut dyn FnMut());
+        ffi::lua_settop(L, 0);
+        push();
+    }
+    1
+}
+
+/// Registry key of [`protected_trampoline`].
+const PROTECTED_KEY: &CStr = c"lunet.mem.protected";
+
+/// Puts [`protected_trampoline`] in the registry.
+///
+/// # Safety
+/// `L` valid with 2 free slots. May raise (memory).
+unsafe fn register_protected(L: *mut lua_State) {
+    // SAFETY: valid state.
+    unsafe {
+        ffi::lua_pushcfunction(L, protected_trampoline);
+        ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, PROTECTED_KEY.as_ptr());
     }
 }
 
 /// The name of the type of the value at `idx`, naming this library's objects.
 ///
 /// # Safety
-/// `L` valid, `idx` acceptable.
-unsafe fn type_name(L: *mut lua_State, idx: c_int) -> String {
-    // SAFETY: valid state and index.
+/// `L` valid with 2 free slots, `idx` acceptable.
+unsafe fn type_name<'a>(L: *mut lua_State, idx: c_int) -> &'a CStr {
+    // SAFETY: valid state and index; `lua_typename` returns a static string.
     unsafe {
         if udata::test::<Checkpoint>(L, idx).is_some() {
-            return "checkpoint".into();
+            return c"checkpoint";
         }
         if udata::test::<Rc<Scope>>(L, idx).is_some() {
-            return "scope".into();
+            return c"scope";
         }
         if udata::test::<crate::trace::Snapshot>(L, idx).is_some() {
-            return "snapshot".into();
+            return c"snapshot";
         }
-        let name = ffi::lua_typename(L, ffi::lua_type(L, idx));
-        CStr::from_ptr(name).to_string_lossy().into_owned()
+        CStr::from_ptr(ffi::lua_typename(L, ffi::lua_type(L, idx)))
     }
 }
 
-/// Raises `bad argument #n to 'fname' (expected expected, got <type>)`.
+/// Raises `bad argument #n to 'fname' (expected expected, got <type>)`, formatted by Lua (no
+/// Rust value is alive when it raises).
 ///
 /// # Safety
 /// As for [`raise`].
-pub(crate) unsafe fn type_error(L: *mut lua_State, n: c_int, fname: &str, expected: &str) -> ! {
+pub(crate) unsafe fn type_error(L: *mut lua_State, n: c_int, fname: &CStr, expected: &CStr) -> ! {
     // SAFETY: forwarded contract.
     unsafe {
-        let got = type_name(L, n); // (nothing raises until `raise`, which gets `msg` only)
-        let msg = format!("bad argument #{n} to '{fname}' ({expected} expected, got {got})");
-        drop(got);
-        raise(L, msg)
+        let got = type_name(L, n);
+        ffi::luaL_where(L, 1);
+        ffi::lua_pushfstring(
+            L,
+            c"bad argument #%d to '%s' (%s expected, got %s)".as_ptr(),
+            n,
+            fname.as_ptr(),
+            expected.as_ptr(),
+            got.as_ptr(),
+        );
+        ffi::lua_concat(L, 2);
+        ffi::lua_error(L)
     }
 }
 
@@ -100,7 +172,7 @@ unsafe fn check_tracker<'a>(L: *mut lua_State) -> &'a Tracker {
         None => unsafe {
             raise(
                 L,
-                "lunet.mem: the tracking allocator is not installed on this state".into(),
+                c"lunet.mem: the tracking allocator is not installed on this state",
             )
         },
     }
@@ -111,19 +183,19 @@ unsafe fn check_tracker<'a>(L: *mut lua_State) -> &'a Tracker {
 
 impl udata::Boxed for Checkpoint {
     const METATABLE: &'static CStr = c"lunet.mem.checkpoint";
-    const NAME: &'static str = "checkpoint";
+    const NAME: &'static CStr = c"checkpoint";
     const TAG: u64 = 0x6c75_6e65_7463_7031;
 }
 
 impl udata::Boxed for Rc<Scope> {
     const METATABLE: &'static CStr = c"lunet.mem.scope";
-    const NAME: &'static str = "scope";
+    const NAME: &'static CStr = c"scope";
     const TAG: u64 = 0x6c75_6e65_7473_6331;
 }
 
 impl udata::Boxed for ThreadScopes {
     const METATABLE: &'static CStr = c"lunet.mem.thread_scopes";
-    const NAME: &'static str = "thread record";
+    const NAME: &'static CStr = c"thread record";
     const TAG: u64 = 0x6c75_6e65_7474_7331;
 }
 
@@ -248,7 +320,7 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; nothing with a destructor is alive when it may raise.
     unsafe {
         let t = check_tracker(L);
-        no_arguments(L, "stats");
+        no_arguments(L, c"stats");
         let s = Snapshot::of(t);
         ffi::lua_createtable(L, 0, 20);
         set_int(L, c"live_bytes", s.live_bytes as i64);
@@ -292,7 +364,7 @@ unsafe extern "C-unwind" fn l_reset_peak(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         let t = check_tracker(L);
-        no_arguments(L, "reset_peak");
+        no_arguments(L, c"reset_peak");
         t.reset_peak();
     }
     0
@@ -319,15 +391,11 @@ unsafe extern "C-unwind" fn l_checkpoint(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; the counters are read once the checkpoint's own userdata exists.
     unsafe {
         let t = check_tracker(L);
-        let name = to_string(L, 1);
-        let cp = udata::push(
-            L,
-            Checkpoint {
-                name,
-                live_bytes: 0,
-                net_blocks: 0,
-            },
-        );
+        let cp = udata::push(L, || Checkpoint {
+            name: to_string(L, 1),
+            live_bytes: 0,
+            net_blocks: 0,
+        });
         cp.live_bytes = t.live_bytes.get();
         cp.net_blocks = t.net_blocks();
     }
@@ -337,7 +405,7 @@ unsafe extern "C-unwind" fn l_checkpoint(L: *mut lua_State) -> c_int {
 /// # Safety
 /// Called from a Lua C function; raises a `bad argument` error naming `fname` if arg 1 is not a
 /// checkpoint.
-unsafe fn check_checkpoint<'a>(L: *mut lua_State, fname: &str) -> &'a Checkpoint {
+unsafe fn check_checkpoint<'a>(L: *mut lua_State, fname: &CStr) -> &'a Checkpoint {
     // SAFETY: forwarded contract.
     unsafe { udata::check::<Checkpoint>(L, 1, fname) }
 }
@@ -346,7 +414,7 @@ unsafe fn check_checkpoint<'a>(L: *mut lua_State, fname: &str) -> &'a Checkpoint
 unsafe extern "C-unwind" fn l_cp_delta(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
-        let cp = check_checkpoint(L, "delta");
+        let cp = check_checkpoint(L, c"delta");
         let t = check_tracker(L);
         let bytes = t.live_bytes.get() as i64 - cp.live_bytes as i64;
         let blocks = t.net_blocks() - cp.net_blocks;
@@ -362,7 +430,11 @@ unsafe extern "C-unwind" fn l_cp_values(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua (from mem.lua, which passes the public method's name); the name is
     // read from Lua's string, so nothing with a destructor is alive if `check` raises.
     unsafe {
-        let fname = lua_str(L, 2).unwrap_or("is_neutral");
+        let fname = if ffi::lua_type(L, 2) == ffi::LUA_TSTRING {
+            CStr::from_ptr(ffi::lua_tolstring(L, 2, ptr::null_mut()))
+        } else {
+            c"is_neutral"
+        };
         let cp = udata::check::<Checkpoint>(L, 1, fname);
         let t = check_tracker(L);
         ffi::lua_pushinteger(L, (t.live_bytes.get() as i64 - cp.live_bytes as i64) as _);
@@ -371,33 +443,16 @@ unsafe extern "C-unwind" fn l_cp_values(L: *mut lua_State) -> c_int {
     2
 }
 
-/// The string at `idx` as UTF-8, borrowed from Lua (valid while the value stays on the stack),
-/// or `None` if it is not a string or not UTF-8.
-///
-/// # Safety
-/// `L` valid, `idx` acceptable.
-unsafe fn lua_str<'a>(L: *mut lua_State, idx: c_int) -> Option<&'a str> {
-    // SAFETY: valid state; only real strings are read.
-    unsafe {
-        if ffi::lua_type(L, idx) != ffi::LUA_TSTRING {
-            return None;
-        }
-        let mut len = 0usize;
-        let p = ffi::lua_tolstring(L, idx, &mut len);
-        std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()
-    }
-}
-
 /// Raises `bad argument #1 to 'fname' (no argument expected, got <type>)` if the function got
 /// any argument.
 ///
 /// # Safety
 /// Called from a Lua C function; nothing with a destructor alive in the caller.
-unsafe fn no_arguments(L: *mut lua_State, fname: &str) {
+pub(crate) unsafe fn no_arguments(L: *mut lua_State, fname: &CStr) {
     // SAFETY: forwarded contract.
     unsafe {
         if ffi::lua_gettop(L) > 0 {
-            type_error(L, 1, fname, "no argument");
+            type_error(L, 1, fname, c"no argument");
         }
     }
 }
@@ -483,10 +538,7 @@ pub(crate) unsafe fn thread_scopes<'a>(
         if ffi::lua_type(L, -1) != ffi::LUA_TTABLE {
             ffi::lua_pop(L, 1);
             if create {
-                raise(
-                    L,
-                    "lunet.mem: the table of scopes by thread was replaced".into(),
-                );
+                raise(L, c"lunet.mem: the table of scopes by thread was replaced");
             }
             return None;
         }
@@ -507,7 +559,7 @@ pub(crate) unsafe fn thread_scopes<'a>(
             return None;
         }
         let was = t.exempt.replace(true);
-        let ts = udata::push(L, ThreadScopes::default());
+        let ts = udata::push(L, ThreadScopes::default);
         ffi::lua_rawset(L, -3);
         t.exempt.set(was);
         ffi::lua_pop(L, 1);
@@ -668,7 +720,7 @@ unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_
             }
         }
         let Some(scope) = closed else {
-            raise(L, "lunet.mem: scope closed out of order".into())
+            raise(L, c"lunet.mem: scope closed out of order")
         };
         if want_stats {
             push_stats_of(L, scope);
@@ -678,17 +730,19 @@ unsafe fn close_scope(L: *mut lua_State, t: &Tracker, token: *const Scope, want_
     }
 }
 
-/// Pushes the stats table of `scope` and drops it (a memory error while the table is built
-/// leaks the scope, never frees it early).
+/// Pushes the stats table of `scope` and drops it.
 ///
 /// # Safety
 /// `L` valid with 3 free slots.
 unsafe fn push_stats_of(L: *mut lua_State, scope: Rc<Scope>) {
-    let scope = Rc::into_raw(scope);
-    // SAFETY: `scope` stays valid (its count is held) while the table is built.
+    // SAFETY: the table is built in protected mode; a memory error is raised once the scope is
+    // dropped.
     unsafe {
-        push_scope_stats(L, &*scope);
-        drop(Rc::from_raw(scope));
+        let ok = protected(L, &mut || push_scope_stats(L, &scope));
+        drop(scope);
+        if !ok {
+            ffi::lua_error(L);
+        }
     }
 }
 
@@ -745,7 +799,7 @@ unsafe extern "C-unwind" fn l_scope_activate(L: *mut lua_State) -> c_int {
                 other => ts.pending = other,
             }
         }
-        raise(L, "lunet.mem: scope_activate without scope_prepare".into())
+        raise(L, c"lunet.mem: scope_activate without scope_prepare")
     }
 }
 
@@ -757,13 +811,48 @@ unsafe extern "C-unwind" fn l_scope_close_ok(L: *mut lua_State) -> c_int {
     unsafe {
         let t = check_tracker(L);
         let token = ffi::lua_touserdata(L, 1) as *const Scope;
+        let mut overdrawn = false;
         if let Some(ts) = thread_scopes(L, t, 0, false) {
             if let Some(scope) = pop_scope(t, ts, token) {
+                overdrawn = scope.overdrawn.get();
                 ts.closed = Some(scope);
             }
         }
+        if overdrawn {
+            memory_error(L, t);
+        }
         (ffi::lua_gettop(L) - 1).max(0)
     }
+}
+
+/// Raises Lua's memory error for a scope that closed overdrawn (see `Scope::overdrawn`), after
+/// [`flush_overdraft`].
+///
+/// # Safety
+/// `L` valid with 2 free slots; nothing with a destructor alive in the caller.
+#[cfg(not(c_scope))]
+unsafe fn memory_error(L: *mut lua_State, t: &Tracker) -> ! {
+    // SAFETY: valid state.
+    unsafe {
+        flush_overdraft(t);
+        ffi::lua_pushstring(L, c"not enough memory".as_ptr());
+        ffi::lua_error(L)
+    }
+}
+
+/// If compiled code overdrew a budget (LuaJIT 2.1 betas), flushes the traces, so that the code
+/// runs interpreted, where a budget fails at once, next time. Not inside a finalizer.
+fn flush_overdraft(t: &Tracker) {
+    #[cfg(feature = "luajit")]
+    if let Some(vm) = t.vm.get() {
+        if t.jit_overdraft.get() && !vm.in_finalizer() {
+            t.jit_overdraft.set(false);
+            // SAFETY: called from a C function of the module, outside finalizers.
+            unsafe { vm.flush() };
+        }
+    }
+    #[cfg(not(feature = "luajit"))]
+    let _ = t;
 }
 
 /// `core.scope_finish(token, on_exit, ok, ...)`: closes the scope `token` if it is still open
@@ -772,28 +861,23 @@ unsafe extern "C-unwind" fn l_scope_close_ok(L: *mut lua_State) -> c_int {
 #[cfg(not(c_scope))]
 unsafe extern "C-unwind" fn l_scope_finish(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
-    unsafe { scope_finish_lua(L, true) }
+    unsafe { scope_finish_lua(L) }
 }
 
-/// `core.scope_end(token, on_exit, ok, ...)`: `scope_finish` that returns `ok, ...` instead of
-/// raising (for the LuaJIT beta guard, which has Lua to run after the scope closed).
-#[cfg(not(c_scope))]
-unsafe extern "C-unwind" fn l_scope_end(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua.
-    unsafe { scope_finish_lua(L, false) }
-}
-
-/// The body of `scope_finish` (`raise`) and `scope_end`.
+/// The body of `scope_finish`.
 ///
 /// # Safety
 /// Called by Lua with the arguments of `scope_finish`.
 #[cfg(not(c_scope))]
-unsafe fn scope_finish_lua(L: *mut lua_State, raise_error: bool) -> c_int {
+unsafe fn scope_finish_lua(L: *mut lua_State) -> c_int {
     // SAFETY: the scope is closed before anything can allocate or raise.
     unsafe {
         let t = check_tracker(L);
-        if ffi::lua_gettop(L) < 3 {
-            ffi::lua_settop(L, 3); // (only a call by hand passes fewer)
+        if ffi::lua_type(L, 1) != ffi::LUA_TLIGHTUSERDATA {
+            type_error(L, 1, c"scope_finish", c"scope token"); // (only a call by hand)
+        }
+        if ffi::lua_type(L, 3) != ffi::LUA_TBOOLEAN {
+            type_error(L, 3, c"scope_finish", c"boolean"); // (only a call by hand)
         }
         let token = ffi::lua_touserdata(L, 1) as *const Scope;
         let ok = ffi::lua_toboolean(L, 3) != 0;
@@ -821,9 +905,6 @@ unsafe fn scope_finish_lua(L: *mut lua_State, raise_error: bool) -> c_int {
         } else {
             drop(closed);
         }
-        if !raise_error {
-            return ffi::lua_gettop(L) - 2;
-        }
         if ok {
             return ffi::lua_gettop(L) - 3;
         }
@@ -837,21 +918,9 @@ unsafe fn scope_finish_lua(L: *mut lua_State, raise_error: bool) -> c_int {
 unsafe extern "C-unwind" fn l_address_name(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
-        let kind = CStr::from_ptr(ffi::lua_typename(L, ffi::lua_type(L, 1)));
+        let kind = ffi::lua_typename(L, ffi::lua_type(L, 1));
         let p = ffi::lua_topointer(L, 1);
-        let name = std::mem::ManuallyDrop::new(format!("{}: {:p}", kind.to_string_lossy(), p));
-        ffi::lua_pushlstring(L, name.as_ptr().cast(), name.len());
-        drop(std::mem::ManuallyDrop::into_inner(name));
-    }
-    1
-}
-
-/// `core.budgeted_scopes()`: the number of budgeted scopes made and not closed.
-unsafe extern "C-unwind" fn l_budgeted_scopes(L: *mut lua_State) -> c_int {
-    // SAFETY: called by Lua.
-    unsafe {
-        let n = check_tracker(L).budgeted_scopes.get();
-        ffi::lua_pushinteger(L, n as ffi::lua_Integer);
+        ffi::lua_pushfstring(L, c"%s: %p".as_ptr(), kind, p);
     }
     1
 }
@@ -963,12 +1032,11 @@ unsafe extern "C-unwind" fn l_current(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         let t = check_tracker(L);
-        no_arguments(L, "current");
-        match t.active_scope() {
-            Some(scope) => {
-                udata::push(L, scope);
-            }
-            None => ffi::lua_pushnil(L),
+        no_arguments(L, c"current");
+        if t.active_scope().is_some() {
+            udata::push(L, || t.active_scope().expect("checked"));
+        } else {
+            ffi::lua_pushnil(L);
         }
     }
     1
@@ -977,7 +1045,7 @@ unsafe extern "C-unwind" fn l_current(L: *mut lua_State) -> c_int {
 /// # Safety
 /// Called from a Lua C function; raises a `bad argument` error naming `fname` if arg 1 is not a
 /// scope object.
-unsafe fn check_scope<'a>(L: *mut lua_State, fname: &str) -> &'a Scope {
+unsafe fn check_scope<'a>(L: *mut lua_State, fname: &CStr) -> &'a Scope {
     // SAFETY: forwarded contract.
     unsafe { udata::check::<Rc<Scope>>(L, 1, fname) }
 }
@@ -985,14 +1053,14 @@ unsafe fn check_scope<'a>(L: *mut lua_State, fname: &str) -> &'a Scope {
 /// `scope:stats()`.
 unsafe extern "C-unwind" fn l_scope_stats(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; the scope is kept alive by its userdata at index 1.
-    unsafe { push_scope_stats(L, check_scope(L, "stats")) };
+    unsafe { push_scope_stats(L, check_scope(L, c"stats")) };
     1
 }
 
 /// `core.scope_name(scope)`.
 unsafe extern "C-unwind" fn l_scope_name(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; the scope is kept alive by its userdata at index 1.
-    unsafe { push_str(L, &check_scope(L, "name").name) };
+    unsafe { push_str(L, &check_scope(L, c"name").name) };
     1
 }
 
@@ -1027,6 +1095,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         }
         udata::new_metatable::<ThreadScopes>(L);
         ffi::lua_pop(L, 1);
+        register_protected(L);
         // Originals of the functions mem.lua wraps, kept across loads so that nothing is wrapped
         // twice.
         ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, SAVED_KEY.as_ptr());
@@ -1077,14 +1146,12 @@ pub unsafe fn push_core(L: *mut lua_State) {
             (c"scope_activate", l_scope_activate),
             (c"scope_close_ok", l_scope_close_ok),
             (c"scope_finish", l_scope_finish),
-            (c"scope_end", l_scope_end),
         ] {
             ffi::lua_pushcfunction(L, f);
             ffi::lua_setfield(L, -2, name.as_ptr());
         }
         for (name, f) in [
-            (c"budgeted_scopes", l_budgeted_scopes as ffi::lua_CFunction),
-            (c"address_name", l_address_name),
+            (c"address_name", l_address_name as ffi::lua_CFunction),
             (c"jit_can_switch", l_jit_can_switch),
             (c"cpcall", l_cpcall),
         ] {
@@ -1120,12 +1187,28 @@ pub unsafe fn push_core(L: *mut lua_State) {
 /// objects the scope made are still alive).
 unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua. The list is copied first: building the tables may run the
-    // collector, which frees blocks and reclaims arenas. A memory error while building leaks
-    // the copy (a few names), nothing of Lua's.
+    // collector, which frees blocks and reclaims arenas. The tables are built in protected mode
+    // and a memory error is raised once the copy is dropped.
     unsafe {
         let t = check_tracker(L);
-        no_arguments(L, "arenas");
-        let list = std::mem::ManuallyDrop::new(t.arenas.list());
+        no_arguments(L, c"arenas");
+        let list = t.arenas.list();
+        let ok = protected(L, &mut || push_arena_list(L, &list));
+        drop(list);
+        if !ok {
+            ffi::lua_error(L);
+        }
+    }
+    1
+}
+
+/// Pushes the array of tables `l_arenas` returns.
+///
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory).
+unsafe fn push_arena_list(L: *mut lua_State, list: &[arena::ArenaInfo]) {
+    // SAFETY: valid state.
+    unsafe {
         ffi::lua_createtable(L, list.len().min(1 << 20) as c_int, 0);
         for (i, a) in list.iter().enumerate() {
             ffi::lua_createtable(L, 0, 9);
@@ -1144,9 +1227,7 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
             ffi::lua_setfield(L, -2, c"pinned".as_ptr());
             ffi::lua_rawseti(L, -2, (i + 1) as _);
         }
-        drop(std::mem::ManuallyDrop::into_inner(list));
     }
-    1
 }
 
 /// `mem.arena_of(v)`: the name of the arena that holds the object `v` (a table, function,
@@ -1159,7 +1240,7 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
     unsafe {
         check_tracker(L);
         if ffi::lua_type(L, 1) == ffi::LUA_TNONE {
-            raise(L, "bad argument #1 to 'arena_of' (value expected)".into());
+            raise(L, c"bad argument #1 to 'arena_of' (value expected)");
         }
         let p = match ffi::lua_type(L, 1) {
             ffi::LUA_TTABLE | ffi::LUA_TFUNCTION | ffi::LUA_TTHREAD | ffi::LUA_TSTRING => {
@@ -1178,38 +1259,38 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
         match arena::owner(p.cast()) {
             arena::Owner::Elsewhere => ffi::lua_pushnil(L),
             arena::Owner::Arena(a) => {
-                // (held while the string is made, which may run the collector; leaked, not
-                // dropped, if that raises)
-                let name = std::mem::ManuallyDrop::new(a.name.clone());
-                ffi::lua_pushlstring(L, name.as_ptr().cast(), name.len());
-                drop(std::mem::ManuallyDrop::into_inner(name));
+                // (the name is held while the string is made, which may run the collector and
+                // reclaim the arena; a memory error is raised once it is dropped)
+                let name = a.name.clone();
+                let ok = protected(L, &mut || push_str(L, &name));
+                drop(name);
+                if !ok {
+                    ffi::lua_error(L);
+                }
             }
             arena::Owner::Reclaimed => raise(
                 L,
-                "lunet.mem: a live object is in reclaimed arena memory (a bug: please report it)"
-                    .into(),
+                c"lunet.mem: a live object is in reclaimed arena memory (a bug: please report it)",
             ),
         }
     }
     1
 }
 
-/// `core.fail_run(n, sync, fn, ...)`: `mem.fail_after`'s run, in C so that nothing can allocate
+/// `core.fail_run(n, fn, ...)`: `mem.fail_after`'s run, in C so that nothing can allocate
 /// between the end of the protected call and the close of its scope (a Lua frame in between may
-/// need to grow the stack, which the exhausted allowance would refuse). Makes a scope that admits
-/// `n` allocations, calls `sync()` (if a function: mem.lua's LuaJIT compiler switch) before the
-/// scope is active and again once it is closed, both protected, calls `fn(...)` in protected
-/// mode inside the scope, and returns `true, results...` or `false, err`.
+/// need to grow the stack, which the exhausted allowance would refuse). Opens a scope that
+/// admits `n` allocations, calls `fn(...)` in protected mode inside it, closes it, and returns
+/// `true, results...` or `false, err`.
 unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua. Nothing with a destructor is alive when a call may raise; between
     // the protected call and the close of the scope nothing allocates.
     unsafe {
         let t = check_tracker(L);
         let n = ffi::luaL_checknumber(L, 1).clamp(0.0, u64::MAX as f64) as u64;
-        ffi::luaL_checkany(L, 3);
-        let nargs = ffi::lua_gettop(L) - 3;
+        ffi::luaL_checkany(L, 2);
+        let nargs = ffi::lua_gettop(L) - 2;
         ffi::luaL_checkstack(L, 8, c"too many arguments".as_ptr());
-        let sync = ffi::lua_type(L, 2) == ffi::LUA_TFUNCTION;
         ffi::lua_pushstring(L, c"fail_after".as_ptr());
         ffi::lua_replace(L, 1); // the name, at 1
         let guard = Guard {
@@ -1218,36 +1299,22 @@ unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
         };
         let ts = thread_scopes(L, t, 0, true).expect("created");
         let scope = make_scope(L, t, 1, None, guard);
-        if sync {
-            call_protected(L, 2);
-        }
         let token = push_scope(t, ts, scope);
-        let status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
-        close_scope(L, t, token, false);
-        if sync {
-            call_protected(L, 2);
+        let mut status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
+        // (an allocation admitted past the allowance where failing was unsafe: the run fails)
+        if (*token).overdrawn.get() && status == ffi::LUA_OK {
+            ffi::lua_settop(L, 1);
+            ffi::lua_pushstring(L, c"not enough memory".as_ptr());
+            status = ffi::LUA_ERRMEM;
         }
-        // the stack: name, sync, then fn's results or its error (the scope is closed: growing
-        // the stack for one more slot may allocate now)
+        close_scope(L, t, token, false);
+        flush_overdraft(t);
+        // the stack: name, then fn's results or its error (the scope is closed: growing the
+        // stack for one more slot may allocate now)
         ffi::luaL_checkstack(L, 1, c"too many results".as_ptr());
         ffi::lua_pushboolean(L, (status == ffi::LUA_OK) as c_int);
-        ffi::lua_replace(L, 2);
-        ffi::lua_remove(L, 1);
+        ffi::lua_replace(L, 1);
         ffi::lua_gettop(L)
-    }
-}
-
-/// Calls the function at `idx` with no arguments in protected mode, dropping its error.
-///
-/// # Safety
-/// `L` valid with 2 free slots, a function at `idx`.
-unsafe fn call_protected(L: *mut lua_State, idx: c_int) {
-    // SAFETY: valid state.
-    unsafe {
-        ffi::lua_pushvalue(L, idx);
-        if ffi::lua_pcall(L, 0, 0, 0) != ffi::LUA_OK {
-            ffi::lua_pop(L, 1);
-        }
     }
 }
 
@@ -1498,7 +1565,7 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
                     let at = ffi::lua_tointeger(L, -1) as c_int;
                     if !(1..=2).contains(&at) || at > base {
                         // (only a replaced `prepare` upvalue can say so)
-                        raise(L, "lunet.mem: mem.scope's argument check failed".into());
+                        raise(L, c"lunet.mem: mem.scope's argument check failed");
                     }
                     guard.limit = count_option(L, -2);
                     arena = arena_option(L, -3);

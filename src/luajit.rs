@@ -32,10 +32,11 @@ const L_BASE: usize = 32;
 const L_TOP: usize = 40;
 const L_STACK: usize = 56;
 
-/// `global_State` fields: allocator and data, hook mask, VM state, main thread.
+/// `global_State` fields: allocator and data, hook mask, dispatch mode, VM state, main thread.
 const G_ALLOCF: usize = 0;
 const G_ALLOCD: usize = 8;
 const G_HOOKMASK: usize = 145;
+const G_DISPATCHMODE: usize = 146;
 const G_VMSTATE: usize = 184;
 const G_MAINTHREF: usize = 192;
 /// `cur_L`: before 2023 (no `vmthref`) and since.
@@ -49,6 +50,9 @@ pub const VMST_EXIT: i32 = !3;
 pub const VMST_RECORD: i32 = !4;
 pub const VMST_OPT: i32 = !5;
 pub const VMST_ASM: i32 = !6;
+
+/// `dispatchmode` bit: the compiler is on (`lj_dispatch.c`).
+const DISPMODE_JIT: u8 = 0x10;
 
 /// `hookmask` bits.
 const HOOK_ACTIVE: u8 = 0x10;
@@ -139,6 +143,12 @@ impl Vm {
         unsafe { read::<u8>(self.g, G_HOOKMASK) & HOOK_GC != 0 }
     }
 
+    /// Whether the trace compiler is on (what `jit.status()` says first).
+    pub fn jit_on(&self) -> bool {
+        // SAFETY: as in `state`.
+        unsafe { read::<u8>(self.g, G_DISPATCHMODE) & DISPMODE_JIT != 0 }
+    }
+
     /// Whether a debug hook is running.
     pub fn in_hook(&self) -> bool {
         // SAFETY: as in `state`.
@@ -224,5 +234,40 @@ pub unsafe fn is_beta(L: *mut lua_State) -> bool {
         }
         ffi::lua_pop(L, 1);
         beta
+    }
+}
+
+extern "C-unwind" {
+    fn luaJIT_setmode(
+        L: *mut lua_State,
+        idx: std::ffi::c_int,
+        mode: std::ffi::c_int,
+    ) -> std::ffi::c_int;
+}
+
+/// `luaJIT_setmode`'s engine modes (luajit.h).
+const MODE_ENGINE: std::ffi::c_int = 0;
+const MODE_ON: std::ffi::c_int = 0x0100;
+const MODE_FLUSH: std::ffi::c_int = 0x0200;
+
+impl Vm {
+    /// Turns the trace compiler on or off, as `jit.on()`/`jit.off()`. Not inside a finalizer.
+    ///
+    /// # Safety
+    /// Not called from the allocator; `!self.in_finalizer()`.
+    pub unsafe fn set_jit(&self, on: bool) {
+        let L = self.current_thread();
+        // SAFETY: the current thread of a live VM; outside finalizers the call does not raise.
+        unsafe { luaJIT_setmode(L, 0, MODE_ENGINE | if on { MODE_ON } else { 0 }) };
+    }
+
+    /// Flushes every trace, as `jit.flush()`. Not inside a finalizer.
+    ///
+    /// # Safety
+    /// As for [`Vm::set_jit`].
+    pub unsafe fn flush(&self) {
+        let L = self.current_thread();
+        // SAFETY: as in `set_jit`.
+        unsafe { luaJIT_setmode(L, 0, MODE_ENGINE | MODE_FLUSH) };
     }
 }

@@ -62,6 +62,10 @@ pub struct Scope {
     /// owns.
     ledger_addresses: UnsafeCell<Vec<usize>>,
     pub(crate) ledger_live: Cell<usize>,
+    /// Set when an allocation past the scope's budgets was admitted anyway, to fail later at a
+    /// point where failing is safe (LuaJIT; see `Tracker::scope_for_call`): the scope's run then
+    /// ends with Lua's memory error when it closes, if nothing failed sooner.
+    pub overdrawn: Cell<bool>,
     /// The count of open budgeted scopes this scope is counted in until it closes (see
     /// [`Scope::count_in`]), or null. Invariant: the count outlives the scope (it is a field
     /// of the tracker, which outlives every scope of its state).
@@ -152,6 +156,7 @@ impl Scope {
             ledger: Cell::new(ptr::null()),
             ledger_addresses: UnsafeCell::new(Vec::new()),
             ledger_live: Cell::new(0),
+            overdrawn: Cell::new(false),
             counted_in: Cell::new(ptr::null()),
         }
     }
@@ -205,6 +210,11 @@ impl Scope {
     pub fn own_arena(&self) -> Option<&Arena> {
         // SAFETY: the scope is a user of its arena (see `arena`'s invariant).
         self.owns_arena.then(|| unsafe { &*self.arena })
+    }
+
+    /// Whether this scope or one it was opened in has a limit or an allowance.
+    pub fn is_budgeted(&self) -> bool {
+        self.guarded
     }
 
     /// Whether the scope has a limit or an allowance of its own.

@@ -975,15 +975,19 @@ unsafe extern "C-unwind" fn l_snapshot(L: *mut lua_State) -> c_int {
         if !t.trace.on.get() {
             return fail(L, "not tracing (call mem.trace.start() first)");
         }
-        let snap = match Busy::enter(&t.trace.busy) {
-            Some(busy) => t.trace.recorder(&busy).map(|rec| rec.snapshot()),
-            None => None,
+        let ready = match Busy::enter(&t.trace.busy) {
+            Some(busy) => t.trace.recorder(&busy).is_some(),
+            None => false,
         };
-        let Some(snap) = snap else {
+        if !ready {
             return fail(L, "the tracer is busy");
-        };
+        }
         t.trace.paused.set(true);
-        crate::udata::push(L, snap); // (a memory error leaks the snapshot, Rust memory only)
+        // (the snapshot is made once its userdata exists: nothing is lost if that raises)
+        crate::udata::push(L, || {
+            let busy = Busy::enter(&t.trace.busy).expect("not busy: checked above");
+            t.trace.recorder(&busy).expect("checked above").snapshot()
+        });
         t.trace.paused.set(false);
     }
     1
@@ -991,7 +995,7 @@ unsafe extern "C-unwind" fn l_snapshot(L: *mut lua_State) -> c_int {
 
 impl crate::udata::Boxed for Snapshot {
     const METATABLE: &'static CStr = c"lunet.mem.trace_snapshot";
-    const NAME: &'static str = "snapshot";
+    const NAME: &'static CStr = c"snapshot";
     const TAG: u64 = 0x6c75_6e65_7473_6e31;
 }
 
@@ -1039,12 +1043,30 @@ unsafe extern "C-unwind" fn l_top(L: *mut lua_State) -> c_int {
         if n >= 0 && (n as usize) < stats.len() {
             stats.truncate(n as usize);
         }
-        // Built in Lua memory: a memory error here would leak `stats` (Rust memory only).
-        let stats = mem::ManuallyDrop::new(stats);
+        // Built in protected mode: a memory error is raised once `stats` is dropped.
         let tracker = tracker_of(L);
         if let Some(t) = tracker {
             t.trace.paused.set(true);
         }
+        let ok = crate::lua_api::protected(L, &mut || push_stats(L, &stats, key));
+        if let Some(t) = tracker {
+            t.trace.paused.set(false);
+        }
+        drop(stats);
+        if !ok {
+            ffi::lua_error(L);
+        }
+    }
+    1
+}
+
+/// Pushes the list `l_top` returns.
+///
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory).
+unsafe fn push_stats(L: *mut lua_State, stats: &[Stat], key: Key) {
+    // SAFETY: valid state.
+    unsafe {
         ffi::luaL_checkstack(L, 6, ptr::null());
         ffi::lua_createtable(L, stats.len() as c_int, 0);
         for (i, s) in stats.iter().enumerate() {
@@ -1065,19 +1087,14 @@ unsafe extern "C-unwind" fn l_top(L: *mut lua_State) -> c_int {
             }
             ffi::lua_rawseti(L, -2, (i + 1) as _);
         }
-        if let Some(t) = tracker {
-            t.trace.paused.set(false);
-        }
-        drop(mem::ManuallyDrop::into_inner(stats));
     }
-    1
 }
 
 /// `core.trace_dump(snap, path)` / `core.trace_flamegraph(snap, path, title)`: true, or
 /// `nil, msg`.
 unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
     // SAFETY: called by Lua with a snapshot and strings (checked by mem.lua); the Rust strings
-    // are dropped, or held as `ManuallyDrop`, before anything can raise.
+    // are dropped before anything can raise.
     unsafe {
         let Some(snap) = to_snapshot(L, 1) else {
             return fail(L, "snapshot expected");
@@ -1094,9 +1111,7 @@ unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
         } else {
             snap.dump(&path)
         };
-        let error = result
-            .err()
-            .map(|e| mem::ManuallyDrop::new(format!("{path}: {e}")));
+        let error = result.err().map(|e| format!("{path}: {e}"));
         drop(path);
         match error {
             None => {
@@ -1104,9 +1119,15 @@ unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
                 1
             }
             Some(msg) => {
-                let r = fail(L, &msg);
-                drop(mem::ManuallyDrop::into_inner(msg));
-                r
+                // (a memory error is raised once `msg` is dropped)
+                let ok = crate::lua_api::protected(L, &mut || push_str(L, &msg));
+                drop(msg);
+                if !ok {
+                    ffi::lua_error(L);
+                }
+                ffi::lua_pushnil(L);
+                ffi::lua_insert(L, -2);
+                2
             }
         }
     }
@@ -1170,11 +1191,14 @@ unsafe extern "C-unwind" fn l_site_of(L: *mut lua_State) -> c_int {
             },
             _ => None,
         };
-        match line.map(mem::ManuallyDrop::new) {
-            // (leaked, not dropped, if making the string raises)
+        match line {
+            // (a memory error while the string is made is raised once `line` is dropped)
             Some(line) => {
-                ffi::lua_pushlstring(L, line.as_ptr().cast(), line.len());
-                drop(mem::ManuallyDrop::into_inner(line));
+                let ok = crate::lua_api::protected(L, &mut || push_str(L, &line));
+                drop(line);
+                if !ok {
+                    ffi::lua_error(L);
+                }
             }
             None => ffi::lua_pushnil(L),
         }

@@ -20,7 +20,7 @@ pub trait Boxed: Sized {
     /// Registry key of its metatable.
     const METATABLE: &'static CStr;
     /// What `bad argument` errors call it.
-    const NAME: &'static str;
+    const NAME: &'static CStr;
     /// Its tag (any constant distinct from the other types').
     const TAG: u64;
 }
@@ -55,20 +55,21 @@ pub unsafe fn new_metatable<T: Boxed>(L: *mut lua_State) {
     }
 }
 
-/// Pushes a new userdata holding `value` and returns a reference to it. If the metatable was
-/// replaced (the registry is reachable from Lua) the object is made without one: it is then
-/// never taken as a `T` and its box is never freed (no finalizer), a leak, not a crash.
+/// Pushes a new userdata holding the value `make` returns, and returns a reference to it.
+/// `make` runs once the userdata exists, so that no Rust value is alive while Lua allocates it
+/// (a memory error there raises). If the metatable was replaced (the registry is reachable
+/// from Lua), the object is made without one: it is then never taken as a `T` and its box is
+/// never freed (no finalizer), a leak, not a crash.
 ///
 /// # Safety
-/// `L` valid with 2 free slots. May raise (memory): `value` is then leaked, never dropped twice.
-pub unsafe fn push<'a, T: Boxed>(L: *mut lua_State, value: T) -> &'a mut T {
-    let value = Box::into_raw(Box::new(value));
+/// `L` valid with 2 free slots. May raise (memory) before `make` runs.
+pub unsafe fn push<'a, T: Boxed>(L: *mut lua_State, make: impl FnOnce() -> T) -> &'a mut T {
     // SAFETY: valid state; the slot is filled before the metatable (with its __gc) is set.
     unsafe {
         let slot = ffi::lua_newuserdata(L, mem::size_of::<Slot<T>>()) as *mut Slot<T>;
         slot.write(Slot {
             tag: tag_of::<T>(slot),
-            value,
+            value: ptr::null_mut(),
         });
         ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, T::METATABLE.as_ptr());
         if ffi::lua_type(L, -1) == ffi::LUA_TTABLE {
@@ -76,6 +77,8 @@ pub unsafe fn push<'a, T: Boxed>(L: *mut lua_State, value: T) -> &'a mut T {
         } else {
             ffi::lua_pop(L, 1);
         }
+        let value = Box::into_raw(Box::new(make()));
+        (*slot).value = value;
         &mut *value
     }
 }
@@ -128,7 +131,7 @@ pub unsafe fn test<'a, T: Boxed>(L: *mut lua_State, idx: c_int) -> Option<&'a mu
 ///
 /// # Safety
 /// Called from a Lua C function; nothing with a destructor alive in the caller.
-pub unsafe fn check<'a, T: Boxed>(L: *mut lua_State, n: c_int, fname: &str) -> &'a mut T {
+pub unsafe fn check<'a, T: Boxed>(L: *mut lua_State, n: c_int, fname: &CStr) -> &'a mut T {
     // SAFETY: forwarded contract.
     unsafe {
         match test::<T>(L, n) {

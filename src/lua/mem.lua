@@ -46,6 +46,13 @@ local function is_callable(v)
   return type(mt) == "table" and rawget(mt, "__call") ~= nil
 end
 
+-- How an option's key is shown in an error (its own __tostring is not run: it may fail).
+local function key_name(k)
+  local tk = type(k)
+  if tk == "string" or tk == "number" or tk == "boolean" then return tostring(k) end
+  return core.address_name(k)
+end
+
 -- Option kinds: name -> check(value) returning nil when fine, else what was expected.
 local MAX_COUNT = 100000
 local MAX_CHUNK = 1024 * 1024
@@ -79,7 +86,7 @@ local KINDS = {
     if type(v) ~= "table" then return "boolean or table" end
     for k, size in pairs(v) do
       if k ~= "chunk_size" then
-        return "table with only 'chunk_size'", format("field '%s'", tostring(k))
+        return "table with only 'chunk_size'", format("field '%s'", key_name(k))
       end
       local expected, show_value = integer_in(1, MAX_CHUNK)(size)
       if expected then
@@ -105,7 +112,7 @@ local function check_opts(opts, n, fname, allowed, level)
   end
   for k, v in pairs(opts) do
     if not allowed[k] then
-      argerror(n, fname, format("unknown option '%s'", tostring(k)), level + 1)
+      argerror(n, fname, format("unknown option '%s'", key_name(k)), level + 1)
     end
     -- `got`: true to show the value, a string to show that, else the value's type is shown.
     local expected, got = KINDS[k](v)
@@ -462,37 +469,10 @@ local function prepare(a, b)
   argerror(1, "scope", "function expected, got " .. typename(a), 3)
 end
 
--- Debian's LuaJIT 2.1.0-beta3 (and the 2.1 betas before the 2023 fixes of LuaJIT issues #906 and
--- #1034) can crash when an allocation fails while compiled code runs. There, budgets admit what
--- compiled code allocates and fail the interpreter's next allocation (src/hook.rs), and while a
--- budgeted scope (or fail_after) is open the compiler is off, so that a loop that gets hot
--- inside the budget cannot run far past it compiled: it is turned off when the first one opens
--- and on again when the last one is closed (if it was on). `sync_jit` makes the compiler's state
--- follow the module's count of open budgeted scopes, so a scope abandoned in a collected
--- coroutine, or an error between two calls, is made up for at the next call.
-local OOM_UNSAFE_JIT = type(jit) == "table" and type(jit.version) == "string"
-  and jit.version:match("^LuaJIT 2%.[01]%.0%-beta") ~= nil
-local budgeted_scopes = core.budgeted_scopes
-local jit_guard_off, jit_guard_was_on = false, false
-
-local function sync_jit()
-  local want_off = budgeted_scopes() > 0
-  if want_off == jit_guard_off or not jit_can_switch() then return end
-  if want_off then
-    jit_guard_was_on = jit_status() and true or false
-    if jit_guard_was_on then jit_off() end
-  elseif jit_guard_was_on then
-    jit_on()
-  end
-  jit_guard_off = want_off
-end
-
--- Returns `...` (after `ok`) or raises the error object, once the compiler follows the count.
-local function synced(ok, ...)
-  sync_jit()
-  if ok then return ... end
-  error((...), 0)
-end
+-- (Debian's LuaJIT 2.1.0-beta3, and the betas before the 2023 fixes of LuaJIT issues #906 and
+-- #1034, can crash when an allocation fails while compiled code runs: src/hook.rs admits those
+-- and fails the run at a safe point, and turns the compiler off while a budgeted scope is
+-- active.)
 
 if core.make_scope then
   M.scope = core.make_scope(prepare, names)
@@ -501,8 +481,7 @@ else
   -- own `pcall`, not across a C function). The scope is active only inside the protected call
   -- (src/lua_api.rs, "mem.scope on LuaJIT").
   local scope_prepare, scope_activate = core.scope_prepare, core.scope_activate
-  local scope_close_ok, scope_finish, scope_end = core.scope_close_ok, core.scope_finish,
-    core.scope_end
+  local scope_close_ok, scope_finish = core.scope_close_ok, core.scope_finish
 
   local function run(token, fn, ...)
     scope_activate(token)
@@ -514,10 +493,6 @@ else
   -- arguments.)
   local function scope_with(name, on_exit, arena, limit, fn, ...)
     local token = scope_prepare(name, arena, limit)
-    if OOM_UNSAFE_JIT and limit then
-      sync_jit()
-      return synced(scope_end(token, on_exit, pcall(run, token, fn, ...)))
-    end
     return scope_finish(token, on_exit, pcall(run, token, fn, ...))
   end
 
@@ -548,7 +523,7 @@ function M.fail_after(n, fn, ...)
   if not is_callable(fn) then
     argerror(2, "fail_after", "function expected, got " .. typename(fn), 2)
   end
-  return fail_run(n, OOM_UNSAFE_JIT and sync_jit, fn, ...)
+  return fail_run(n, fn, ...)
 end
 
 local SCOPE_METHODS = { stats = core.scope_stats }
@@ -561,13 +536,32 @@ end
 -- (src/coroutine.rs: C functions that do what the stock ones do, plus the switches). The
 -- originals are kept in `saved`, so that a second load wraps nothing twice.
 
+-- A function that is not the stock one was put there by a library loaded before (an
+-- instrumenting wrapper, a runtime's own): it keeps being called. A `resume` of that kind is
+-- wrapped with the switches around it; a `wrap`, `yield` or `close` of that kind is left as it
+-- is (it resumes and yields through whatever it calls: these wrappers when it looks them up,
+-- else the yield's own switch and, on 5.2+, its continuation keep the scopes right).
 local saved = core.saved
-if not saved.resume then
-  saved.resume, saved.wrap, saved.yield = coroutine.resume, coroutine.wrap, coroutine.yield
-  coroutine.resume, coroutine.wrap, coroutine.yield = core.co_resume, core.co_wrap, core.co_yield
-  if core.co_close and coroutine.close then
-    saved.close = coroutine.close
-    coroutine.close = core.co_close
+if not saved.resume and type(rawget(_G, "coroutine")) == "table" then
+  local is_stock = core.is_stock
+  if jit then
+    -- (LuaJIT's stock coroutine functions are its builtins)
+    is_stock = function(_, f)
+      return type(f) == "function" and tostring(f):match("^function: builtin#%d+$") ~= nil
+    end
+  end
+  local mine = { resume = core.co_resume, wrap = core.co_wrap, yield = core.co_yield,
+    close = core.co_close }
+  for _, name in ipairs { "resume", "wrap", "yield", "close" } do
+    local f = rawget(coroutine, name)
+    if f ~= nil and mine[name] then
+      saved[name] = f
+      if is_stock(name, f) then
+        coroutine[name] = mine[name]
+      elseif name == "resume" then
+        coroutine[name] = core.co_resume_via(f)
+      end
+    end
   end
 end
 
@@ -612,7 +606,14 @@ do
     return core.trace_start(opts and opts.depth or 8, opts and opts.sample_bytes or 0)
   end
 
-  function trace.stop()
+  local function no_argument(fname, ...)
+    if select("#", ...) > 0 then
+      argerror(1, fname, "no argument expected, got " .. snapname((...)), 3)
+    end
+  end
+
+  function trace.stop(...)
+    no_argument("stop", ...)
     core.trace_stop()
     if jit_was_on and jit_can_switch() then
       jit_was_on = nil
@@ -620,10 +621,14 @@ do
     end
   end
 
-  trace.is_tracing = core.trace_is_on
+  function trace.is_tracing(...)
+    no_argument("is_tracing", ...)
+    return core.trace_is_on()
+  end
 
   -- A snapshot of the live recorded blocks, or nil and a message when not tracing.
-  function trace.snapshot()
+  function trace.snapshot(...)
+    no_argument("snapshot", ...)
     return core.trace_snapshot()
   end
 

@@ -431,8 +431,8 @@ end
 -- `opts.indent`: prefix of each line ("  "). `opts.site_of(v)`: the line that allocated `v` (or
 -- nil), used for the group's site in place of the holder's.
 function holders.explain(before, opts)
-  if type(before) ~= "table" or rawget(before, before) ~= true then
-    argerror(1, "explain", "snapshot expected, got " .. type(before))
+  if type(before) ~= "table" then
+    argerror(1, "explain", "table expected (a snapshot), got " .. type(before))
   end
   check_opts(opts, 2, "explain", EXPLAIN_OPTS)
   local limit = opts and opts.limit or 8
