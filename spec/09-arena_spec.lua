@@ -298,7 +298,9 @@ describe("arena lifetime", function()
     assert.is_nil(next(weak))
   end)
 
-  it("keeps strings made in one request and reused by the next", function()
+  -- (JIT off: a trace recorded meanwhile may keep one of the strings as a constant, and its
+  -- arena with it, until the trace is flushed)
+  it("keeps strings made in one request and reused by the next", helpers.without_jit(function()
     local saved = {}
     for i = 1, 3 do
       mem.scope({ name = "strings " .. i, arena = true }, function()
@@ -316,7 +318,7 @@ describe("arena lifetime", function()
     churn(10)
     settle()
     for i = 1, 3 do assert.is_nil(arena_named("strings " .. i)) end
-  end)
+  end))
 end)
 
 describe("a long-lived table that grows inside an arena scope", function()

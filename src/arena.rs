@@ -553,6 +553,20 @@ impl ArenaSet {
         }
     }
 
+    /// The scope the resize of the arena block `block` counts for (as its free would, see
+    /// [`ArenaSet::attribution`]).
+    ///
+    /// # Safety
+    /// `contains(block)`, a live block of this set's arenas; `active` null or a live scope.
+    pub unsafe fn attribution_of(
+        &self,
+        block: *mut c_void,
+        active: *const crate::scope::Scope,
+    ) -> *const crate::scope::Scope {
+        // SAFETY: the caller's contract.
+        unsafe { Self::attribution((*chunk_of(block)).arena, active) }
+    }
+
     /// The arena that holds `block`, if it is the arena `active` and that arena still takes
     /// blocks.
     ///

@@ -274,7 +274,16 @@ unsafe fn aux_resume(L: *mut lua_State, co: *mut lua_State, co_idx: c_int, narg:
             }
         }
         #[cfg(feature = "luajit")]
-        restore_current_thread(L);
+        {
+            restore_current_thread(L);
+            if let Some(t) = state::tracker(L) {
+                if t.hook_mark_cleared.replace(false) {
+                    if let Some(vm) = t.vm.get() {
+                        vm.enter_hook();
+                    }
+                }
+            }
+        }
         if status == ffi::LUA_OK || status == ffi::LUA_YIELD {
             #[cfg(not(any(feature = "lua54", feature = "lua55")))]
             let nres = ffi::lua_gettop(co);
@@ -515,6 +524,12 @@ pub(crate) unsafe extern "C-unwind" fn co_yield(L: *mut lua_State) -> c_int {
         if let Some(t) = state::tracker(L) {
             if can_yield(L) {
                 leave_yielding(L, t);
+                #[cfg(feature = "luajit")]
+                if let Some(vm) = t.vm.get() {
+                    if vm.leave_hook() {
+                        t.hook_mark_cleared.set(true);
+                    }
+                }
             }
         }
         #[cfg(any(feature = "lua51", feature = "luajit"))]

@@ -86,7 +86,7 @@ pub struct Tracker {
     pub closing: Cell<*mut lua_State>,
     /// The scope allocations are attributed to, or null. Invariant: when not null, it is the
     /// pointer held by `active_owner`, so it stays valid while it is active.
-    active: Cell<*const Scope>,
+    pub(crate) active: Cell<*const Scope>,
     /// Keeps the active scope alive (the Lua objects that own scopes may be collected first).
     active_owner: Cell<Option<Rc<Scope>>>,
     /// Allocation tracing (`mem.trace`, see `crate::trace`): off unless started.
@@ -105,6 +105,14 @@ pub struct Tracker {
     jit_guard_off: Cell<bool>,
     #[cfg(feature = "luajit")]
     jit_guard_was_on: Cell<bool>,
+    /// LuaJIT 2.1 betas: the debug hook that was installed when the budget hook was armed
+    /// (see `crate::luajit::arm_budget_hook`), to put back.
+    #[cfg(feature = "luajit")]
+    pub budget_hook: crate::luajit::SavedHook,
+    /// LuaJIT: the yield wrapper cleared the VM's "hook running" mark (see
+    /// `crate::luajit::Vm::leave_hook`); the resume wrapper puts it back.
+    #[cfg(feature = "luajit")]
+    pub hook_mark_cleared: Cell<bool>,
     /// LuaJIT: compiled code went past a budget (admitted, see `Scope::overdrawn`): its traces
     /// are flushed at the next safe point, so that the code runs interpreted next time.
     #[cfg(feature = "luajit")]
@@ -156,6 +164,10 @@ impl Tracker {
             jit_guard_off: Cell::new(false),
             #[cfg(feature = "luajit")]
             jit_guard_was_on: Cell::new(false),
+            #[cfg(feature = "luajit")]
+            budget_hook: Default::default(),
+            #[cfg(feature = "luajit")]
+            hook_mark_cleared: Cell::new(false),
             #[cfg(feature = "luajit")]
             jit_overdraft: Cell::new(false),
             #[cfg(feature = "luajit")]
@@ -210,12 +222,14 @@ impl Tracker {
         // SAFETY: `scope` is the live active scope.
         unsafe { (*scope).overdrawn.set(true) };
         #[cfg(feature = "luajit")]
-        if self
-            .vm
-            .get()
-            .is_some_and(|vm| vm.doing() == crate::luajit::Doing::Compiled)
-        {
-            self.jit_overdraft.set(true);
+        if let Some(vm) = self.vm.get() {
+            if vm.doing() == crate::luajit::Doing::Compiled {
+                self.jit_overdraft.set(true);
+            }
+            if self.oom_unsafe_jit.get() {
+                // SAFETY: not the trace compiler (its allocations have no scope).
+                unsafe { crate::luajit::arm_budget_hook(self, vm) };
+            }
         }
         true
     }
@@ -251,9 +265,11 @@ impl Tracker {
         match doing {
             // (a debug hook is instrumentation: what it allocates is never refused, which
             // also keeps a hook from failing inside mem.scope's own frames)
+            // (on 2.1 betas no refusal is safe anywhere: every one waits for a safe point, see
+            // `crate::luajit::arm_budget_hook`)
             Doing::Running => {
                 self.jit_compiling.set(false);
-                (scope, vm_in_hook(self))
+                (scope, self.oom_unsafe_jit.get() || vm_in_hook(self))
             }
             Doing::Compiled => (scope, self.oom_unsafe_jit.get()),
             // (the collector's frees count as before; its rare allocations, such as the string
@@ -363,7 +379,16 @@ impl Tracker {
     /// only, never by the hook.)
     pub fn set_active_scope(&self, scope: Option<Rc<Scope>>) {
         #[cfg(feature = "luajit")]
-        self.follow_jit_guard(scope.as_ref().is_some_and(|s| s.is_budgeted()));
+        {
+            self.follow_jit_guard(scope.as_ref().is_some_and(|s| s.is_budgeted()));
+            if let (Some(vm), true) = (
+                self.vm.get(),
+                scope.as_ref().is_some_and(|s| s.overdrawn.get()),
+            ) {
+                // SAFETY: called from the module's C functions.
+                unsafe { crate::luajit::arm_budget_hook(self, vm) };
+            }
+        }
         self.active
             .set(scope.as_ref().map_or(ptr::null(), Rc::as_ptr));
         // Dropping the previous owner may free a scope: Rust heap only, no Lua allocation.
@@ -451,8 +476,23 @@ impl Tracker {
         }
     }
 
+    /// Counts the reallocation of a block that is not in an arena. It counts for `scope` (the
+    /// active scope, or null), unless that scope places its blocks in an arena: then the block
+    /// is not one it made (as for frees, see [`Tracker::on_free`]).
     #[inline(always)]
     fn on_realloc(&self, scope: *const Scope, osize: usize, nsize: usize) {
+        // SAFETY: as in `on_alloc`.
+        let to = if !scope.is_null() && unsafe { (*scope).arena() }.is_null() {
+            scope
+        } else {
+            ptr::null()
+        };
+        self.on_realloc_for(to, osize, nsize);
+    }
+
+    /// Counts a reallocation for the scope `to` (and its open ancestors), if not null.
+    #[inline(always)]
+    fn on_realloc_for(&self, scope: *const Scope, osize: usize, nsize: usize) {
         self.count_realloc(osize, nsize);
         if !scope.is_null() {
             // SAFETY: as in `on_alloc`.
@@ -635,8 +675,10 @@ unsafe fn arena_block<const MIMALLOC: bool>(
             after_free(t, ud);
             return ptr::null_mut();
         }
+        // (a resize counts for the scope its arena's frees count for)
+        let to = t.arenas.attribution_of(block, scope);
         if t.arenas.resize_in_place(block, osize, nsize) {
-            t.on_realloc(scope, osize, nsize);
+            t.on_realloc_for(to, osize, nsize);
             t.ledger_resized(scope, block, block, osize, nsize);
             return block;
         }
@@ -655,7 +697,7 @@ unsafe fn arena_block<const MIMALLOC: bool>(
         }
         ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
         t.arenas.free(block, osize, ptr::null()); // (counted as the realloc below)
-        t.on_realloc(scope, osize, nsize);
+        t.on_realloc_for(to, osize, nsize);
         t.ledger_resized(scope, block, moved, osize, nsize);
         moved
     }

@@ -975,6 +975,24 @@ unsafe fn probe_jit_mode(L: *mut lua_State) -> bool {
     }
 }
 
+/// `core.exempt_call(f, ...)`: calls `f(...)` as the module's own bookkeeping: what it
+/// allocates is not charged to the active scope, refused by its budget or placed in its arena
+/// (mem.lua's cache of default scope names, which lives longer than any request).
+unsafe extern "C-unwind" fn l_exempt_call(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; the flag is restored before anything is raised.
+    unsafe {
+        let t = check_tracker(L);
+        ffi::luaL_checkany(L, 1);
+        let was = t.exempt.replace(true);
+        let status = ffi::lua_pcall(L, ffi::lua_gettop(L) - 1, ffi::LUA_MULTRET, 0);
+        t.exempt.set(was);
+        if status != ffi::LUA_OK {
+            ffi::lua_error(L);
+        }
+        ffi::lua_gettop(L)
+    }
+}
+
 /// `core.cpcall(f, ...)`: `pcall` through C, so that `f` cannot yield past it (LuaJIT's `pcall`
 /// lets a coroutine yield across: a check that turned the compiler off must not be left
 /// suspended, or abandoned, with it off).
@@ -1154,6 +1172,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
             (c"address_name", l_address_name as ffi::lua_CFunction),
             (c"jit_can_switch", l_jit_can_switch),
             (c"cpcall", l_cpcall),
+            (c"exempt_call", l_exempt_call),
         ] {
             ffi::lua_pushcfunction(L, f);
             ffi::lua_setfield(L, -2, name.as_ptr());

@@ -163,6 +163,29 @@ impl Vm {
         !L.is_null() && unsafe { read::<*mut c_void>(L as *const u8, L_STACK) } == block
     }
 
+    /// Marks hooks as not running (`hook_leave`) and returns whether they were marked running.
+    ///
+    /// LuaJIT marks hooks as running while a `__gc` finalizer runs (and a debug hook, and a
+    /// `jit.attach` handler), and `lua_yield` then takes its "yield from a hook" path, whose
+    /// resume crashes when it was a coroutine's ordinary yield (one resumed by that finalizer).
+    /// The yield wrapper clears the mark for its yield; the resume wrapper puts it back. (A
+    /// finalizer or hook puts its own mark back when it returns.)
+    pub fn leave_hook(&self) -> bool {
+        // SAFETY: as in `state`; the VM is not reading the mask concurrently (one thread).
+        unsafe {
+            let mask = self.g.add(G_HOOKMASK) as *mut u8;
+            let was = *mask & HOOK_ACTIVE != 0;
+            *mask &= !HOOK_ACTIVE;
+            was
+        }
+    }
+
+    /// Marks hooks as running again (after [`Vm::leave_hook`]).
+    pub fn enter_hook(&self) {
+        // SAFETY: as in `leave_hook`.
+        unsafe { *(self.g.add(G_HOOKMASK) as *mut u8) |= HOOK_ACTIVE };
+    }
+
     /// The thread running now (`g->cur_L`).
     #[inline(always)]
     pub fn current_thread(&self) -> *mut lua_State {
@@ -269,5 +292,88 @@ impl Vm {
         let L = self.current_thread();
         // SAFETY: as in `set_jit`.
         unsafe { luaJIT_setmode(L, 0, MODE_ENGINE | MODE_FLUSH) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Budgets on 2.1 betas: refused at a safe point
+
+/// The debug hook the budget hook replaced while armed.
+#[derive(Default)]
+pub struct SavedHook {
+    /// Whether the budget hook is installed.
+    armed: std::cell::Cell<bool>,
+    hook: std::cell::Cell<Option<ffi::lua_Hook>>,
+    mask: std::cell::Cell<std::ffi::c_int>,
+    count: std::cell::Cell<std::ffi::c_int>,
+}
+
+/// LuaJIT 2.1 betas do not survive an allocation that fails in compiled code, in a fast
+/// function, while a coroutine is resumed or while an error is being raised (their
+/// out-of-memory paths were fixed in 2023). So there, a budget never refuses an allocation: it
+/// admits it and marks the active scope overdrawn (`Tracker::overdraw`), and this installs a
+/// count hook that raises Lua's memory error at the next instruction the interpreter runs in
+/// that scope: a point where raising is safe. Compiled code gets there when it leaves its trace
+/// (and the compiler is off while a budgeted scope is active). The debug hook in place (if
+/// any) is put back once the error is raised, or once the scope is no longer active.
+///
+/// # Safety
+/// `t` the tracker of the VM `vm`; not called from the trace compiler.
+pub unsafe fn arm_budget_hook(t: &crate::hook::Tracker, vm: Vm) {
+    let saved = &t.budget_hook;
+    if saved.armed.get() {
+        return;
+    }
+    let L = vm.current_thread();
+    // SAFETY: a thread of the VM; setting a hook only updates the VM's dispatch table.
+    unsafe {
+        saved.hook.set(ffi::lua_gethook(L));
+        saved.mask.set(ffi::lua_gethookmask(L));
+        saved.count.set(ffi::lua_gethookcount(L));
+        saved.armed.set(true);
+        ffi::lua_sethook(L, Some(budget_hook), ffi::LUA_MASKCOUNT, 1);
+    }
+}
+
+/// Puts back the hook [`arm_budget_hook`] replaced.
+///
+/// # Safety
+/// `L` a thread of `t`'s state.
+unsafe fn disarm_budget_hook(t: &crate::hook::Tracker, L: *mut lua_State) {
+    let saved = &t.budget_hook;
+    if saved.armed.replace(false) {
+        // SAFETY: as in `arm_budget_hook`.
+        unsafe { ffi::lua_sethook(L, saved.hook.get(), saved.mask.get(), saved.count.get()) };
+    }
+}
+
+/// The budget hook: at an instruction of the interpreter, raises Lua's memory error if the
+/// active scope is overdrawn, unless this is a finalizer (LuaJIT propagates a finalizer's error
+/// from wherever the collector ran) or the module's own Lua code (mem.scope's frames: the scope
+/// closes, and fails, there).
+unsafe extern "C-unwind" fn budget_hook(L: *mut lua_State, ar: *mut ffi::lua_Debug) {
+    // SAFETY: called by LuaJIT as a hook, between two instructions.
+    unsafe {
+        let Some(t) = crate::state::tracker(L) else {
+            return;
+        };
+        let scope = t.active.get();
+        if scope.is_null() || !(*scope).overdrawn.get() {
+            disarm_budget_hook(t, L); // (armed again when an overdrawn scope is active again)
+            return;
+        }
+        if t.vm.get().is_some_and(|vm| vm.in_finalizer()) {
+            return;
+        }
+        if ffi::lua_getinfo(L, c"S".as_ptr(), ar) != 0
+            && !(*ar).source.is_null()
+            && std::ffi::CStr::from_ptr((*ar).source) == c"=lunet.mem"
+        {
+            return;
+        }
+        disarm_budget_hook(t, L);
+        (*scope).overdrawn.set(false);
+        ffi::lua_pushstring(L, c"not enough memory".as_ptr());
+        ffi::lua_error(L);
     }
 }

@@ -436,15 +436,18 @@ end
 
 local SCOPE_OPTS = { name = true, on_exit = true, arena = true, limit = true }
 
--- Default scope names, computed once per function.
+-- Default scope names, computed once per function, as the module's bookkeeping (the cache
+-- outlives the request that first names a function: its strings must not be the request's, nor
+-- be placed in its arena).
 local names = setmetatable({}, { __mode = "k" })
-local function default_name(fn)
-  local name = names[fn]
-  if not name then
-    name = label_of(fn, nil)
-    names[fn] = name
-  end
+local exempt_call = core.exempt_call
+local function remember_name(fn)
+  local name = label_of(fn, nil)
+  names[fn] = name
   return name
+end
+local function default_name(fn)
+  return names[fn] or exempt_call(remember_name, fn)
 end
 
 -- Checks the arguments of mem.scope's general forms and returns `name, on_exit, arena, limit,
