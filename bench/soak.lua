@@ -38,6 +38,9 @@ print(("%-10s %10s %12s %8s %12s"):format("requests", "rss (KiB)", "live_bytes",
 for _, r in ipairs(samples) do
   print(("%-10d %10d %12d %8d %12d"):format(r[1], r[2], r[3], r[4], r[5]))
 end
+-- (LuaJIT: a compiled trace keeps the strings it uses as constants, and their arena with them,
+-- until it is flushed: README, Limits)
+if rawget(_G, "jit") then jit.flush() end
 collectgarbage("collect")
 collectgarbage("collect")
 local s = mem.stats()

@@ -116,8 +116,15 @@ unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
     // SAFETY: valid state (called by Lua as a finalizer, the sentinel at index 1).
     unsafe {
         ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, SENTINEL_KEY.as_ptr());
-        let closing = ffi::lua_rawequal(L, -1, 1) != 0;
+        // `lua_close` runs finalizers with no Lua frame below them; a call by hand (the
+        // registry is reachable from Lua) has its caller there, and changes nothing.
+        let mut ar: ffi::lua_Debug = std::mem::zeroed();
+        let closing = ffi::lua_rawequal(L, -1, 1) != 0 && ffi::lua_getstack(L, 1, &mut ar) == 0;
+        let by_hand = ffi::lua_rawequal(L, -1, 1) != 0 && !closing;
         ffi::lua_pop(L, 1);
+        if by_hand {
+            return 0;
+        }
         if !closing {
             ffi::luaL_checkstack(L, 3, ptr::null());
             push_sentinel(L);

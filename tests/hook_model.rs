@@ -247,6 +247,8 @@ fn run(ops: Vec<Op>, serve: Serve) {
                 let i = pick % blocks.len();
                 let (p, old, f) = blocks[i];
                 check(p, old, f);
+                // (a resize counts for the scope a free of the block would)
+                let to = free_attribution(&scopes, active, arena_name(p));
                 // SAFETY: `p` is a live block of `old` bytes.
                 let q = unsafe { tracking_alloc(ud, p, old, size) };
                 // An arena block resized in place or moved within its arena never reaches the
@@ -269,7 +271,7 @@ fn run(ops: Vec<Op>, serve: Serve) {
                 totals.reallocs += 1;
                 totals.allocated += size as u64;
                 totals.freed += old as u64;
-                attribute(&mut scopes, active, |c| {
+                attribute(&mut scopes, to, |c| {
                     c.reallocs += 1;
                     c.allocated += size as u64;
                     c.freed += old as u64;

@@ -477,6 +477,28 @@ end
 -- and fails the run at a safe point, and turns the compiler off while a budgeted scope is
 -- active.)
 
+-- Buffers the VM makes on first use and keeps until it closes: LuaJIT's string buffer and,
+-- once the compiler is on, its trace recorder's IR and snapshot buffers; Lua 5.1's
+-- concatenation buffer. 5.1 and LuaJIT do not tell the allocator which blocks are objects
+-- (src/arena.rs), so such a buffer first made inside an arena scope would pin its arena for
+-- good: they are made here, outside every scope, when the module loads and (LuaJIT) at the
+-- first arena scope opened with no scope active after the compiler is switched on.
+local vm_primed = false
+local function prime_vm()
+  local n = 1.5
+  local s = tostring(n) .. format("%d", 1) .. concat({ "a", "b" }, ",")
+  if jit_status and jit_status() then
+    -- hot enough to be recorded at any `hotloop` up to 2^16 / 2
+    local x = 0
+    for i = 1, 40000 do x = x + i end
+    vm_primed = true
+  elseif not jit_status then
+    vm_primed = true
+  end
+  return s
+end
+prime_vm()
+
 if core.make_scope then
   M.scope = core.make_scope(prepare, names)
 else
@@ -494,7 +516,9 @@ else
   -- (`fn` is a named parameter rather than taken with `select(2, ...)`: Debian's LuaJIT
   -- 2.1.0-beta3 miscompiled that form inside pcall, calling the scope's function with wrong
   -- arguments.)
+  local current = core.current
   local function scope_with(name, on_exit, arena, limit, fn, ...)
+    if arena and not vm_primed and current() == nil then prime_vm() end
     local token = scope_prepare(name, arena, limit)
     return scope_finish(token, on_exit, pcall(run, token, fn, ...))
   end
