@@ -532,6 +532,15 @@ pub(crate) unsafe extern "C-unwind" fn co_yield(L: *mut lua_State) -> c_int {
                 }
             }
         }
+        // (LuaJIT's own yield names its caller's line in this error; `lua_yield` would name
+        // this C function, which has none)
+        #[cfg(feature = "luajit")]
+        if !can_yield(L) {
+            ffi::luaL_where(L, 1);
+            ffi::lua_pushstring(L, c"attempt to yield across C-call boundary".as_ptr());
+            ffi::lua_concat(L, 2);
+            ffi::lua_error(L);
+        }
         #[cfg(any(feature = "lua51", feature = "luajit"))]
         return ffi::lua_yield(L, n);
         #[cfg(not(any(feature = "lua51", feature = "luajit")))]

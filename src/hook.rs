@@ -220,7 +220,7 @@ impl Tracker {
     #[cold]
     fn overdraw(&self, scope: *const Scope) -> bool {
         // SAFETY: `scope` is the live active scope.
-        unsafe { (*scope).overdrawn.set(true) };
+        unsafe { Scope::overdraw(scope) };
         #[cfg(feature = "luajit")]
         if let Some(vm) = self.vm.get() {
             if vm.doing() == crate::luajit::Doing::Compiled {
@@ -383,7 +383,7 @@ impl Tracker {
             self.follow_jit_guard(scope.as_ref().is_some_and(|s| s.is_budgeted()));
             if let (Some(vm), true) = (
                 self.vm.get(),
-                scope.as_ref().is_some_and(|s| s.overdrawn.get()),
+                scope.as_ref().is_some_and(|s| s.raise_pending.get()),
             ) {
                 // SAFETY: called from the module's C functions.
                 unsafe { crate::luajit::arm_budget_hook(self, vm) };

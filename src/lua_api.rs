@@ -813,8 +813,11 @@ unsafe extern "C-unwind" fn l_scope_close_ok(L: *mut lua_State) -> c_int {
         let token = ffi::lua_touserdata(L, 1) as *const Scope;
         let mut overdrawn = false;
         if let Some(ts) = thread_scopes(L, t, 0, false) {
+            if ts.stack.iter().any(|s| Rc::as_ptr(s) == token) {
+                // (read while it is open: its chain's budgets)
+                overdrawn = (*token).fails_overdrawn();
+            }
             if let Some(scope) = pop_scope(t, ts, token) {
-                overdrawn = scope.overdrawn.get();
                 ts.closed = Some(scope);
             }
         }
@@ -1321,7 +1324,7 @@ unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
         let token = push_scope(t, ts, scope);
         let mut status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
         // (an allocation admitted past the allowance where failing was unsafe: the run fails)
-        if (*token).overdrawn.get() && status == ffi::LUA_OK {
+        if (*token).fails_overdrawn() && status == ffi::LUA_OK {
             ffi::lua_settop(L, 1);
             ffi::lua_pushstring(L, c"not enough memory".as_ptr());
             status = ffi::LUA_ERRMEM;

@@ -358,8 +358,8 @@ unsafe extern "C-unwind" fn budget_hook(L: *mut lua_State, ar: *mut ffi::lua_Deb
             return;
         };
         let scope = t.active.get();
-        if scope.is_null() || !(*scope).overdrawn.get() {
-            disarm_budget_hook(t, L); // (armed again when an overdrawn scope is active again)
+        if scope.is_null() || !(*scope).raise_pending.get() {
+            disarm_budget_hook(t, L); // (armed again when the scope is active again)
             return;
         }
         if t.vm.get().is_some_and(|vm| vm.in_finalizer()) {
@@ -372,7 +372,7 @@ unsafe extern "C-unwind" fn budget_hook(L: *mut lua_State, ar: *mut ffi::lua_Deb
             return;
         }
         disarm_budget_hook(t, L);
-        (*scope).overdrawn.set(false);
+        (*scope).raise_pending.set(false);
         ffi::lua_pushstring(L, c"not enough memory".as_ptr());
         ffi::lua_error(L);
     }

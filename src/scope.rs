@@ -62,10 +62,15 @@ pub struct Scope {
     /// owns.
     ledger_addresses: UnsafeCell<Vec<usize>>,
     pub(crate) ledger_live: Cell<usize>,
-    /// Set when an allocation past the scope's budgets was admitted anyway, to fail later at a
-    /// point where failing is safe (LuaJIT; see `Tracker::scope_for_call`): the scope's run then
-    /// ends with Lua's memory error when it closes, if nothing failed sooner.
+    /// Set when an allocation past the budgets of this scope's chain was admitted anyway while
+    /// it or a scope opened in it was active (LuaJIT, where failing is not always safe; see
+    /// `Tracker::scope_for_call`): if the scope is still past a budget when it closes, its run
+    /// ends with Lua's memory error (it keeps memory its budget did not admit, even if the
+    /// error raised sooner was caught).
     pub overdrawn: Cell<bool>,
+    /// Set with `overdrawn` on the active scope until Lua's memory error has been raised in it
+    /// (LuaJIT 2.1 betas: by a count hook, `crate::luajit::arm_budget_hook`).
+    pub raise_pending: Cell<bool>,
     /// The count of open budgeted scopes this scope is counted in until it closes (see
     /// [`Scope::count_in`]), or null. Invariant: the count outlives the scope (it is a field
     /// of the tracker, which outlives every scope of its state).
@@ -157,6 +162,7 @@ impl Scope {
             ledger_addresses: UnsafeCell::new(Vec::new()),
             ledger_live: Cell::new(0),
             overdrawn: Cell::new(false),
+            raise_pending: Cell::new(false),
             counted_in: Cell::new(ptr::null()),
         }
     }
@@ -241,6 +247,39 @@ impl Scope {
     pub(crate) fn ledger_addresses(&self) -> &mut Vec<usize> {
         // SAFETY: only the ledger uses the list, never while holding another reference to it.
         unsafe { &mut *self.ledger_addresses.get() }
+    }
+
+    /// An allocation past the budgets of `scope`'s chain was admitted while `scope` was active:
+    /// marks it and the open scopes it was opened in overdrawn, and its error pending.
+    ///
+    /// # Safety
+    /// As for [`Scope::walk`].
+    pub unsafe fn overdraw(scope: *const Scope) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            Scope::walk(scope, |s| s.overdrawn.set(true));
+            (*scope).raise_pending.set(true);
+        }
+    }
+
+    /// Whether the scope or an open scope it was opened in keeps more than its limit or has
+    /// used up its allowance: an overdrawn scope then fails when it closes (see `overdrawn`).
+    pub fn past_budget(&self) -> bool {
+        let past = Cell::new(false);
+        // SAFETY: `self` is live, so its ancestors are.
+        unsafe {
+            Scope::walk(self, |s| {
+                if s.kept_bytes.get() > s.limit || s.allowance.get() == 0 {
+                    past.set(true);
+                }
+            })
+        };
+        past.get()
+    }
+
+    /// Whether the scope, closing now, fails for what it was admitted past its budgets.
+    pub fn fails_overdrawn(&self) -> bool {
+        self.overdrawn.get() && self.past_budget()
     }
 
     /// Adds `delta` to the kept bytes of `scope` and of the open scopes it was opened in.
