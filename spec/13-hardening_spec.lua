@@ -1558,7 +1558,8 @@ describe("round 2", function()
           local t = {}
           for i = 1, 2 ^ 19 do t[i] = i end -- made outside the scope
           local kept
-          local ok = pcall(mem.scope, { limit = 65536, on_exit = function(s) kept = s.kept_bytes end }, function()
+          local opts = { limit = 65536, on_exit = function(s) kept = s.kept_bytes end }
+          local ok = pcall(mem.scope, opts, function()
             pcall(function() t[#t + 1] = 1 end) -- grows t's array inside the scope; error caught
           end)
           print(("scope ok: %s, kept_bytes %d (limit 65536)"):format(tostring(ok), kept))
@@ -1597,12 +1598,12 @@ describe("round 2", function()
         mem.scope({ limit = 1e9 }, function() mem.trace.start() end)
         local keep = {}
         local function fill(n)
-          for i = 1, n do keep[#keep + 1] = { i } end -- line 6
+          for i = 1, n do keep[#keep + 1] = { i } end -- line 5
         end
         for _ = 1, 50 do fill(1000) end
         local recorded = 0
         for _, row in ipairs(mem.trace.snapshot():top(50)) do
-          if row.site:find(":6$") then recorded = recorded + row.blocks end
+          if row.site:find(":5$") then recorded = recorded + row.blocks end
         end
         local on = jit.status()
         mem.trace.stop()
@@ -1644,6 +1645,74 @@ describe("round 2", function()
         .. "199,202,203,211,215,217,218,220,226,232,233,245"):format(shell_quote(ROOT ~= "" and ROOT or "."),
         LUA), 120)
       assert(status == 0, ("the fuzzer %s:\n%s"):format(outcome(status), out:sub(-1500)))
+    end)
+
+    -- Seed 754's cause: fail_after's body runs a trace (compiled before it started) that
+    -- allocates past the allowance, then calls a C function through trace stitching; the
+    -- recording that starts when that returns is aborted by the budget's memory error, and
+    -- fail_after flushed the traces from C before LuaJIT settled that recording, which then
+    -- wrote through the freed trace's slot (segfault in trace_abort). A `jit.attach` handler
+    -- stays attached: the settling walks the stack for it, and the coroutine has no Lua frame
+    -- below fail_after's.
+    it_beta("fail_after that runs out in a trace stitched to a C call survives its flush", function()
+      expect_child([[
+        local mem = require "lunet.mem"
+        local clock = os.clock -- a C function the recorder does not compile: traces stitch there
+        local function step(t)
+          t[#t + 1] = {}
+          local now = clock()
+          return now
+        end
+        local recorded = false
+        local function run(t, stop_when_recorded)
+          for _ = 1, 2000 do
+            step(t)
+            if stop_when_recorded and recorded then return end
+          end
+        end
+        jit.attach(function(what) if what == "stop" then recorded = true end end, "trace")
+        local rounds = 0
+        for _, where in ipairs { "main", "coroutine" } do
+          for n = 0, 24 do -- (where the allowance runs out depends on the build)
+            jit.flush()
+            recorded = false
+            run({}, true) -- the loop's trace, recorded but not run: nothing is stitched to it
+            if recorded then
+              rounds = rounds + 1
+              local ok, err
+              if where == "main" then
+                ok, err = mem.fail_after(n, run, {}, false)
+              else
+                ok, err = coroutine.wrap(function() return mem.fail_after(n, run, {}, false) end)()
+              end
+              assert(not ok and tostring(err):find("not enough memory", 1, true), tostring(err))
+            end
+          end
+        end
+        print(rounds > 0 and "survived" or "no trace recorded")
+      ]], "survived")
+    end)
+
+    -- Seed 845 hung (after seeds 845..851 in one process): LuaJIT 2.1 betas compile
+    -- `for k, v in pairs(t)` from its BC_ITERN, and a trace of it that exits at its start is
+    -- re-entered at once, forever, inside a __gc finalizer (no side trace is made there; LuaJIT
+    -- issue #1000, fixed in 2023). mem.lua walked option tables that way.
+    it_jit("mem.scope with options in a finalizer does not hang once its checks are compiled", function()
+      expect_child([[
+        local mem = require "lunet.mem"
+        local function noop() end
+        for _ = 1, 3000 do mem.scope({ name = "warm" }, noop) end -- the options loop compiled
+        local p = newproxy(true)
+        getmetatable(p).__gc = function()
+          for _, opts in ipairs { { name = "a", on_exit = noop }, {}, { arena = true, on_exit = noop } } do
+            mem.scope(opts, noop)
+          end
+          print("finalized")
+        end
+        p = nil
+        collectgarbage()
+        collectgarbage()
+      ]], "finalized", 60)
     end)
   end)
 end)

@@ -33,6 +33,12 @@ const NAME_CACHE_SLOTS: usize = 16;
 /// A scope name and the address of the Lua string it was made from.
 type CachedName = (usize, Rc<str>);
 
+/// Reasons the module keeps LuaJIT's compiler off (see [`Tracker::hold_jit`]): a budgeted scope
+/// is active (2.1 betas), `mem.trace` is recording, a neutrality check runs.
+pub const JIT_HELD_BY_BUDGET: u8 = 1;
+pub const JIT_HELD_BY_TRACE: u8 = 2;
+pub const JIT_HELD_BY_CHECK: u8 = 4;
+
 /// Counters of one Lua state's allocations since the tracker was installed.
 ///
 /// `live_bytes` always equals the state's own count (`collectgarbage("count") * 1024`): it starts
@@ -99,12 +105,13 @@ pub struct Tracker {
     /// and fail the interpreter's next allocation instead.
     #[cfg(feature = "luajit")]
     pub oom_unsafe_jit: Cell<bool>,
-    /// LuaJIT 2.1 betas: whether the module turned the compiler off for a budgeted scope, and
-    /// whether it was on before (see `follow_jit_guard`).
+    /// LuaJIT: why the module wants the compiler off now ([`JIT_HELD_BY_BUDGET`] and the other
+    /// `JIT_HELD_BY_*` bits; see [`Tracker::hold_jit`]), and whether it is off because the
+    /// module turned it off (then the module turns it on again when no reason is left).
     #[cfg(feature = "luajit")]
-    jit_guard_off: Cell<bool>,
+    jit_holds: Cell<u8>,
     #[cfg(feature = "luajit")]
-    jit_guard_was_on: Cell<bool>,
+    jit_off_by_us: Cell<bool>,
     /// LuaJIT 2.1 betas: the debug hook that was installed when the budget hook was armed
     /// (see `crate::luajit::arm_budget_hook`), to put back.
     #[cfg(feature = "luajit")]
@@ -161,9 +168,9 @@ impl Tracker {
             #[cfg(feature = "luajit")]
             oom_unsafe_jit: Cell::new(false),
             #[cfg(feature = "luajit")]
-            jit_guard_off: Cell::new(false),
+            jit_holds: Cell::new(0),
             #[cfg(feature = "luajit")]
-            jit_guard_was_on: Cell::new(false),
+            jit_off_by_us: Cell::new(false),
             #[cfg(feature = "luajit")]
             budget_hook: Default::default(),
             #[cfg(feature = "luajit")]
@@ -344,30 +351,42 @@ impl Tracker {
     /// loop that gets hot inside a budget runs interpreted, where the budget fails it at once
     /// (compiled code may only be refused later, see `scope_for_call`); it is on again (if it
     /// was) as soon as the active scope is not budgeted: when the scope closes, or its
-    /// coroutine yields or is abandoned. Never switched inside a finalizer (LuaJIT refuses it
-    /// there): the next switch outside one catches up.
+    /// coroutine yields or is abandoned.
     #[cfg(feature = "luajit")]
     fn follow_jit_guard(&self, budgeted: bool) {
-        if !self.oom_unsafe_jit.get() || budgeted == self.jit_guard_off.get() {
-            return;
+        if self.oom_unsafe_jit.get() {
+            self.hold_jit(JIT_HELD_BY_BUDGET, budgeted);
         }
+    }
+
+    /// LuaJIT: adds (`held`) or removes one reason the compiler is off (a `JIT_HELD_BY_*`
+    /// bit). The compiler is off while any reason is left, and on again, if the module turned it
+    /// off, when none is: each caller (budgets, `mem.trace`, the neutrality check) may start and
+    /// end in any order without turning it on under another. A user's own `jit.on()` while a
+    /// reason holds is left alone. Never switched inside a finalizer or a `jit.attach` handler
+    /// (LuaJIT refuses it there): the next call outside one catches up.
+    #[cfg(feature = "luajit")]
+    pub fn hold_jit(&self, reason: u8, held: bool) {
+        let holds = self.jit_holds.get();
+        self.jit_holds.set(if held {
+            holds | reason
+        } else {
+            holds & !reason
+        });
         let Some(vm) = self.vm.get() else { return };
-        if vm.in_finalizer() {
+        if !vm.may_switch_jit() {
             return;
         }
-        // SAFETY: called from the module's C functions, outside finalizers.
+        let want_off = self.jit_holds.get() != 0;
+        // SAFETY: called from the module's C functions, where `may_switch_jit` holds.
         unsafe {
-            if budgeted {
-                let was_on = vm.jit_on();
-                self.jit_guard_was_on.set(was_on);
-                if was_on {
-                    vm.set_jit(false);
-                }
-            } else if self.jit_guard_was_on.get() {
+            if want_off && !self.jit_off_by_us.get() && vm.jit_on() {
+                vm.set_jit(false);
+                self.jit_off_by_us.set(true);
+            } else if !want_off && self.jit_off_by_us.replace(false) {
                 vm.set_jit(true);
             }
         }
-        self.jit_guard_off.set(budgeted);
     }
 
     /// Whether `scope` is the active scope.

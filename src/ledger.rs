@@ -125,7 +125,13 @@ impl Ledger {
         // SAFETY: forwarded contract.
         unsafe {
             Scope::keep(scope, bytes as i64);
-            if let Some(old) = self.map().insert(addr, Owners::One(Entry { owner: scope, bytes })) {
+            if let Some(old) = self.map().insert(
+                addr,
+                Owners::One(Entry {
+                    owner: scope,
+                    bytes,
+                }),
+            ) {
                 // (a block freed behind the hook's back: its owners are credited)
                 Self::credit_all(old);
             }
@@ -219,7 +225,11 @@ impl Ledger {
             let growth = nsize - osize;
             // SAFETY: forwarded contract.
             unsafe { Scope::keep(scope, growth as i64) };
-            match owners.entries().iter_mut().find(|e| ptr::eq(e.owner, scope)) {
+            match owners
+                .entries()
+                .iter_mut()
+                .find(|e| ptr::eq(e.owner, scope))
+            {
                 Some(e) => e.bytes += growth,
                 None => {
                     owners.push(Entry {
@@ -324,10 +334,22 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Make { by: usize, size: usize },
-        Resize { block: usize, size: usize, by: usize, moves: bool },
-        Free { block: usize },
-        Close { scope: usize },
+        Make {
+            by: usize,
+            size: usize,
+        },
+        Resize {
+            block: usize,
+            size: usize,
+            by: usize,
+            moves: bool,
+        },
+        Free {
+            block: usize,
+        },
+        Close {
+            scope: usize,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -356,7 +378,8 @@ mod tests {
             }
             let mut open = [true; 3];
             // live blocks: address, size, and the model's charges (owner, bytes), oldest first
-            let mut blocks: Vec<(usize, usize, Vec<(usize, usize)>)> = Vec::new();
+            type Charges = Vec<(usize, usize)>;
+            let mut blocks: Vec<(usize, usize, Charges)> = Vec::new();
             let mut next_addr = 16usize;
             let ptr_of = |i: usize| Rc::as_ptr(&scopes[i]);
             for op in ops {

@@ -837,25 +837,28 @@ unsafe extern "C-unwind" fn l_scope_close_ok(L: *mut lua_State) -> c_int {
 unsafe fn memory_error(L: *mut lua_State, t: &Tracker) -> ! {
     // SAFETY: valid state.
     unsafe {
-        flush_overdraft(t);
+        flush_overdraft(L, t);
         ffi::lua_pushstring(L, c"not enough memory".as_ptr());
         ffi::lua_error(L)
     }
 }
 
 /// If compiled code overdrew a budget (LuaJIT 2.1 betas), flushes the traces, so that the code
-/// runs interpreted, where a budget fails at once, next time. Not inside a finalizer.
-fn flush_overdraft(t: &Tracker) {
+/// runs interpreted, where a budget fails at once, next time. Not inside a finalizer (then, or
+/// if the flush fails, a later call flushes them).
+///
+/// # Safety
+/// `L` the running thread, with 2 free slots; called from a C function of the module.
+unsafe fn flush_overdraft(L: *mut lua_State, t: &Tracker) {
     #[cfg(feature = "luajit")]
     if let Some(vm) = t.vm.get() {
-        if t.jit_overdraft.get() && !vm.in_finalizer() {
+        // SAFETY: the caller's contract; `may_switch_jit` checked first.
+        if t.jit_overdraft.get() && vm.may_switch_jit() && unsafe { vm.flush(L) } {
             t.jit_overdraft.set(false);
-            // SAFETY: called from a C function of the module, outside finalizers.
-            unsafe { vm.flush() };
         }
     }
     #[cfg(not(feature = "luajit"))]
-    let _ = t;
+    let _ = (L, t);
 }
 
 /// `core.scope_finish(token, on_exit, ok, ...)`: closes the scope `token` if it is still open
@@ -930,7 +933,8 @@ unsafe extern "C-unwind" fn l_address_name(L: *mut lua_State) -> c_int {
 
 /// `core.jit_can_switch()`: whether LuaJIT's compiler may be turned on, off or flushed now: not
 /// inside a `__gc` finalizer, where LuaJIT refuses it with an error that 2.1.0-beta3 does not
-/// survive everywhere. (Always true on PUC Lua, which has no compiler to switch.)
+/// survive everywhere, nor inside a `jit.attach` handler. (Always true on PUC Lua, which has no
+/// compiler to switch.)
 unsafe extern "C-unwind" fn l_jit_can_switch(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
@@ -938,7 +942,7 @@ unsafe extern "C-unwind" fn l_jit_can_switch(L: *mut lua_State) -> c_int {
         let can = {
             let t = check_tracker(L);
             match t.vm.get() {
-                Some(vm) => !vm.in_finalizer(),
+                Some(vm) => vm.may_switch_jit(),
                 None => probe_jit_mode(L),
             }
         };
@@ -947,6 +951,29 @@ unsafe extern "C-unwind" fn l_jit_can_switch(L: *mut lua_State) -> c_int {
         ffi::lua_pushboolean(L, can as c_int);
     }
     1
+}
+
+/// `core.jit_hold(reason, held)`: adds or removes a reason LuaJIT's compiler is kept off
+/// (`Tracker::hold_jit`; reasons 2 = tracing, 4 = a neutrality check). Nothing on PUC Lua.
+unsafe extern "C-unwind" fn l_jit_hold(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let reason = ffi::luaL_checkinteger(L, 1);
+        let held = ffi::lua_toboolean(L, 2) != 0;
+        #[cfg(feature = "luajit")]
+        {
+            use crate::hook::{JIT_HELD_BY_CHECK, JIT_HELD_BY_TRACE};
+            if reason == JIT_HELD_BY_TRACE as ffi::lua_Integer
+                || reason == JIT_HELD_BY_CHECK as ffi::lua_Integer
+            {
+                t.hold_jit(reason as u8, held);
+            }
+        }
+        #[cfg(not(feature = "luajit"))]
+        let _ = (t, reason, held);
+    }
+    0
 }
 
 #[cfg(feature = "luajit")]
@@ -1117,6 +1144,8 @@ pub unsafe fn push_core(L: *mut lua_State) {
         udata::new_metatable::<ThreadScopes>(L);
         ffi::lua_pop(L, 1);
         register_protected(L);
+        #[cfg(feature = "luajit")]
+        crate::luajit::register_flush(L);
         // Originals of the functions mem.lua wraps, kept across loads so that nothing is wrapped
         // twice.
         ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, SAVED_KEY.as_ptr());
@@ -1174,6 +1203,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         for (name, f) in [
             (c"address_name", l_address_name as ffi::lua_CFunction),
             (c"jit_can_switch", l_jit_can_switch),
+            (c"jit_hold", l_jit_hold),
             (c"cpcall", l_cpcall),
             (c"exempt_call", l_exempt_call),
         ] {
@@ -1330,10 +1360,10 @@ unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
             status = ffi::LUA_ERRMEM;
         }
         close_scope(L, t, token, false);
-        flush_overdraft(t);
         // the stack: name, then fn's results or its error (the scope is closed: growing the
-        // stack for one more slot may allocate now)
-        ffi::luaL_checkstack(L, 1, c"too many results".as_ptr());
+        // stack for the flush's call and the status may allocate now)
+        ffi::luaL_checkstack(L, 2, c"too many results".as_ptr());
+        flush_overdraft(L, t);
         ffi::lua_pushboolean(L, (status == ffi::LUA_OK) as c_int);
         ffi::lua_replace(L, 1);
         ffi::lua_gettop(L)

@@ -12,7 +12,9 @@
 //! - `mem.trace` reads the Lua stack only where its frames are consistent, and checks each
 //!   frame's function slot first (a fast function may have overwritten it with a result, as
 //!   `coroutine.resume` does with `false` before it allocates its error message);
-//! - toggling or flushing the JIT from a `__gc` finalizer (`hookmask & HOOK_GC`) crashes beta3.
+//! - toggling or flushing the JIT from a `__gc` finalizer (`hookmask & HOOK_GC`) crashes beta3;
+//!   flushing it from C right after an error was caught while a trace was being recorded
+//!   crashes beta3, and later 2.1 sources have the same code (see [`Vm::flush`]).
 //!
 //! The fields are read through the layout of LuaJIT 2.1 since 2020 on 64-bit targets with GC64
 //! (Debian's 2.1.0-beta3 snapshot of 2022 and every later 2.1), and only after [`Vm::find`] has
@@ -56,6 +58,7 @@ const DISPMODE_JIT: u8 = 0x10;
 
 /// `hookmask` bits.
 const HOOK_ACTIVE: u8 = 0x10;
+const HOOK_VMEVENT: u8 = 0x20;
 const HOOK_GC: u8 = 0x40;
 
 /// `itype` of a function value and `gct` of a function object (GC64).
@@ -141,6 +144,15 @@ impl Vm {
     pub fn in_finalizer(&self) -> bool {
         // SAFETY: as in `state`.
         unsafe { read::<u8>(self.g, G_HOOKMASK) & HOOK_GC != 0 }
+    }
+
+    /// Whether the compiler may be switched on or off, or flushed, now: not inside a `__gc`
+    /// finalizer (LuaJIT refuses it with an error that beta3 does not survive everywhere), nor
+    /// inside a `jit.attach` handler (the trace compiler is in the middle of its own work, and
+    /// the call dispatch does not settle a recording there, see [`Vm::flush`]).
+    pub fn may_switch_jit(&self) -> bool {
+        // SAFETY: as in `state`.
+        unsafe { read::<u8>(self.g, G_HOOKMASK) & (HOOK_GC | HOOK_VMEVENT) == 0 }
     }
 
     /// Whether the trace compiler is on (what `jit.status()` says first).
@@ -274,24 +286,92 @@ const MODE_ON: std::ffi::c_int = 0x0100;
 const MODE_FLUSH: std::ffi::c_int = 0x0200;
 
 impl Vm {
-    /// Turns the trace compiler on or off, as `jit.on()`/`jit.off()`. Not inside a finalizer.
+    /// Turns the trace compiler on or off, as `jit.on()`/`jit.off()`. This only marks a
+    /// recording under way aborted (LuaJIT settles it at the next instruction) and frees no
+    /// trace, so unlike [`Vm::flush`] it is safe right after an error was caught.
     ///
     /// # Safety
-    /// Not called from the allocator; `!self.in_finalizer()`.
+    /// Not called from the allocator; `self.may_switch_jit()`.
     pub unsafe fn set_jit(&self, on: bool) {
         let L = self.current_thread();
         // SAFETY: the current thread of a live VM; outside finalizers the call does not raise.
         unsafe { luaJIT_setmode(L, 0, MODE_ENGINE | if on { MODE_ON } else { 0 }) };
     }
 
-    /// Flushes every trace, as `jit.flush()`. Not inside a finalizer.
+    /// Flushes every trace, as `jit.flush()`; returns false if it could not (out of memory).
+    ///
+    /// An error raised while a trace is recorded (a budget's memory error, fail_after's) only
+    /// marks the recording aborted: LuaJIT settles it when it dispatches the next instruction
+    /// or call, and a recording stitched to a trace (it started when a C function called from
+    /// that trace returned) then marks that trace, found by its number. A C function that
+    /// caught the error with `lua_pcall` or `lua_resume` runs before that: a `luaJIT_setmode`
+    /// flush there frees the trace, and the settling writes through the emptied slot (a
+    /// segfault in `trace_abort` on beta3; later 2.1 sources have the same code). So the flush
+    /// is made by a Lua function that this calls: the call dispatch settles the recording
+    /// first, as it does for `jit.flush()` called from Lua. (A Lua function, not a C one: the
+    /// settling tells a `jit.attach` handler where the recording stopped by walking down from
+    /// the called function to a Lua frame, and a coroutine run by fail_after may have none
+    /// below.)
     ///
     /// # Safety
-    /// As for [`Vm::set_jit`].
-    pub unsafe fn flush(&self) {
-        let L = self.current_thread();
-        // SAFETY: as in `set_jit`.
-        unsafe { luaJIT_setmode(L, 0, MODE_ENGINE | MODE_FLUSH) };
+    /// `L` the running thread, with 2 free slots; not called from the allocator;
+    /// `self.may_switch_jit()`.
+    pub unsafe fn flush(&self, L: *mut lua_State) -> bool {
+        // SAFETY: a protected call of the function `register_flush` made, checked by its
+        // upvalue (the registry is reachable from Lua).
+        unsafe {
+            ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, FLUSH_KEY.as_ptr());
+            let ours: ffi::lua_CFunction = flush_traces;
+            let mut checked = false;
+            if ffi::lua_type(L, -1) == ffi::LUA_TFUNCTION
+                && !ffi::lua_getupvalue(L, -1, 1).is_null()
+            {
+                checked = ffi::lua_tocfunction(L, -1).is_some_and(|f| ptr::fn_addr_eq(f, ours));
+                ffi::lua_pop(L, 1);
+            }
+            if checked && ffi::lua_pcall(L, 0, 0, 0) == ffi::LUA_OK {
+                return true;
+            }
+            ffi::lua_pop(L, 1);
+            false
+        }
+    }
+}
+
+/// The C function [`Vm::flush`] ends up in: `jit.flush()`.
+unsafe extern "C-unwind" fn flush_traces(L: *mut lua_State) -> std::ffi::c_int {
+    // SAFETY: called from Lua (a call by hand, the registry being reachable, is `jit.flush()`,
+    // refused inside a finalizer as that is).
+    unsafe { luaJIT_setmode(L, 0, MODE_ENGINE | MODE_FLUSH) };
+    0
+}
+
+/// Registry key of the Lua function that calls [`flush_traces`].
+const FLUSH_KEY: &std::ffi::CStr = c"lunet.mem.flush_traces";
+
+/// Its source: a plain call, not a tail call, so that its Lua frame stays below `flush_traces`.
+/// The chunk is named as the module's Lua code (the budget hook never raises there).
+const FLUSH_SOURCE: &str = "local flush_traces = ... return function() flush_traces() end";
+
+/// Puts the Lua function that [`Vm::flush`] calls in the registry.
+///
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory).
+pub unsafe fn register_flush(L: *mut lua_State) {
+    // SAFETY: valid state; the chunk is constant and compiles.
+    unsafe {
+        if ffi::luaL_loadbuffer(
+            L,
+            FLUSH_SOURCE.as_ptr().cast(),
+            FLUSH_SOURCE.len(),
+            c"=lunet.mem".as_ptr(),
+        ) != ffi::LUA_OK
+        {
+            ffi::lua_error(L);
+        }
+        ffi::lua_pushcfunction(L, flush_traces);
+        ffi::lua_call(L, 1, 1);
+        ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, FLUSH_KEY.as_ptr());
     }
 }
 

@@ -5,6 +5,10 @@ local core = ...
 
 local collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget, select =
   collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget, select
+-- `pairs(t)` under another name: LuaJIT specializes a loop over `pairs(t)` or `next, t`
+-- (BC_ITERN), and on the 2.1 betas a trace of it that exits at its start re-enters itself
+-- forever inside a __gc finalizer (LuaJIT issue #1000, fixed in 2023), where these loops run too.
+local function fields(t) return pairs(t) end
 local floor, format, concat = math.floor, string.format, table.concat
 local getmetatable = (rawget(_G, "debug") and debug.getmetatable) or getmetatable
 local getinfo = rawget(_G, "debug") and debug.getinfo
@@ -84,7 +88,7 @@ local KINDS = {
   arena = function(v)
     if v == true or v == false then return nil end
     if type(v) ~= "table" then return "boolean or table" end
-    for k, size in pairs(v) do
+    for k, size in fields(v) do
       if k ~= "chunk_size" then
         return "table with only 'chunk_size'", format("field '%s'", key_name(k))
       end
@@ -110,7 +114,7 @@ local function check_opts(opts, n, fname, allowed, level)
   if type(opts) ~= "table" then
     argerror(n, fname, "table expected, got " .. typename(opts), level + 1)
   end
-  for k, v in pairs(opts) do
+  for k, v in fields(opts) do
     if not allowed[k] then
       argerror(n, fname, format("unknown option '%s'", key_name(k)), level + 1)
     end
@@ -389,8 +393,7 @@ end
 
 -- LuaJIT's compiler: switched only where LuaJIT allows it (not inside a `__gc` finalizer, where
 -- LuaJIT 2.1.0-beta3 does not survive the error it raises).
-local jit_status, jit_on, jit_off = nil, nil, nil
-if type(jit) == "table" then jit_status, jit_on, jit_off = jit.status, jit.on, jit.off end
+local jit_status = type(jit) == "table" and jit.status or nil
 
 -- On LuaJIT the check runs with the JIT compiler off and its traces flushed, and the compiler's
 -- state is restored afterwards, whatever happens. What the trace recorder allocates is real
@@ -400,8 +403,13 @@ if type(jit) == "table" then jit_status, jit_on, jit_off = jit.status, jit.on, j
 -- off.
 local cpcall = core.cpcall
 
-local function restore_jit(was_on, ok, ...)
-  if was_on then jit_on() end
+-- Reasons the module keeps the compiler off (src/hook.rs, `Tracker::hold_jit`): each holder
+-- starts and ends on its own, and the compiler is on again when none is left.
+local JIT_HELD_BY_TRACE, JIT_HELD_BY_CHECK = 2, 4
+local jit_hold = core.jit_hold
+
+local function release_check(ok, ...)
+  jit_hold(JIT_HELD_BY_CHECK, false)
   if not ok then error((...), 0) end
   return ...
 end
@@ -412,12 +420,9 @@ local function judge_without_jit(fn, opts, fname)
     local ok, report = judge(fn, opts, fname, 3)
     return ok, report
   end
-  local was_on = jit_can_switch() and jit_status()
-  if was_on then
-    jit_off()
-    jit_flush()
-  end
-  local ok, report = restore_jit(was_on, cpcall(judge, fn, opts, fname, 4))
+  jit_hold(JIT_HELD_BY_CHECK, true)
+  if jit_can_switch() then jit_flush() end
+  local ok, report = release_check(cpcall(judge, fn, opts, fname, 4))
   return ok, report
 end
 
@@ -600,7 +605,6 @@ do
   KINDS.depth = integer_in(1, 64)
   local KEYS = { line = true, ["function"] = true, traceback = true }
   local is_snapshot = core.trace_is_snapshot
-  local jit_was_on = nil
 
   local function snapname(v)
     if is_snapshot(v) then return "snapshot" end
@@ -625,12 +629,12 @@ do
   function trace.start(opts)
     check_opts(opts, 1, "start", TRACE_OPTS, 2)
     if core.trace_is_on() then return false end
-    if jit_status and jit_can_switch() and jit_status() then
-      jit_was_on = true
-      jit_off()
-      jit_flush()
+    local ok, err = core.trace_start(opts and opts.depth or 8, opts and opts.sample_bytes or 0)
+    if ok and jit_status then
+      jit_hold(JIT_HELD_BY_TRACE, true)
+      if jit_can_switch() then jit_flush() end
     end
-    return core.trace_start(opts and opts.depth or 8, opts and opts.sample_bytes or 0)
+    return ok, err
   end
 
   local function no_argument(fname, ...)
@@ -642,10 +646,7 @@ do
   function trace.stop(...)
     no_argument("stop", ...)
     core.trace_stop()
-    if jit_was_on and jit_can_switch() then
-      jit_was_on = nil
-      jit_on()
-    end
+    jit_hold(JIT_HELD_BY_TRACE, false)
   end
 
   function trace.is_tracing(...)
@@ -692,7 +693,7 @@ do
         bytes_diff = st.bytes - (o and o.bytes or 0), blocks_diff = st.blocks - (o and o.blocks or 0),
         traceback = st.traceback }
     end
-    for site, o in pairs(by_site) do
+    for site, o in fields(by_site) do
       out[#out + 1] = { site = site, bytes = 0, blocks = 0, bytes_diff = -o.bytes,
         blocks_diff = -o.blocks, traceback = o.traceback }
     end
