@@ -1716,3 +1716,121 @@ describe("round 2", function()
     end)
   end)
 end)
+
+---------------------------------------------------------------------------------------------------
+-- Round 3: found by the fuzzer (scripts/fuzz.sh) after round 2.
+describe("round 3", function()
+  -- README: a coroutine abandoned inside a scope leaves it open until the coroutine is
+  -- collected, and its arena ends then, whatever else still holds the scope.
+  it_yield("ends a collected coroutine's arena scope even while a scope object of it is kept", function()
+    expect_child([[
+      local mem = require "lunet.mem"
+      local handles = {}
+      for i = 1, 20 do
+        local co = coroutine.create(function()
+          mem.scope({ name = "kept " .. i, arena = true }, function()
+            handles[i] = mem.current()
+            local t = {}
+            for j = 1, 100 do t[j] = { j } end
+            coroutine.yield()
+          end)
+        end)
+        assert(coroutine.resume(co))
+      end
+      mem.settle()
+      mem.settle()
+      local running, open = 0, 0
+      for _, a in ipairs(mem.arenas()) do
+        if a.name:find("^kept") and a.running then running = running + 1 end
+      end
+      for _, h in ipairs(handles) do if not h:stats().closed then open = open + 1 end end
+      print(("arenas running: %d; scopes open: %d"):format(running, open))
+    ]], "arenas running: 0; scopes open: 0")
+  end)
+
+  -- A finalizer the collector calls while a budget is used up is not the scope's code; Lua
+  -- 5.4 drops a finalizer whose call fails for memory (the stack or CallInfo it needs), so
+  -- refusing there would lose it (and with it the end of a collected coroutine's scopes).
+  it_if(VERSION == "lua54" or VERSION == "lua55" or IS_JIT, "Lua 5.3 and 5.1 report the error from the collection")(
+    "never drops a finalizer the collector calls inside a used-up budget", function()
+    expect_child([[
+      local mem = require "lunet.mem"
+      local new_finalizable = rawget(_G, "newproxy") and function(gc)
+        local u = newproxy(true)
+        getmetatable(u).__gc = gc
+        return u
+      end or function(gc) return setmetatable({}, { __gc = gc }) end
+      local function deep(depth)
+        if depth == 0 then collectgarbage() return 0 end
+        return 1 + deep(depth - 1)
+      end
+      local made, ran = 0, 0
+      for n = 0, 40 do
+        for _, depth in ipairs { 5, 10, 20 } do
+          collectgarbage("stop")
+          new_finalizable(function() ran = ran + 1 end)
+          made = made + 1
+          pcall(mem.fail_after, n, deep, depth)
+          collectgarbage("restart")
+          mem.settle()
+        end
+      end
+      print(("finalizers: %d made, %d ran"):format(made, ran))
+      print(made == ran and "all ran" or "dropped")
+    ]], "all ran")
+  end)
+
+  -- LuaJIT betas raise a budget's error at the next instruction of the overdrawn scope; once
+  -- the budget has closed (the coroutine overdrew it in a finalizer, where nothing is raised,
+  -- and is resumed after), there is nothing to raise.
+  it_jit("a coroutine resumed after the budget it overdrew closed runs on", function()
+    expect_child([[
+      local mem = require "lunet.mem"
+      local co = coroutine.create(function()
+        mem.scope("request", function() -- opened inside fail_after: its allowance applies
+          coroutine.yield("opened")
+          local t = {}
+          for i = 1, 200 do t[i] = { i } end
+          coroutine.yield("allocated " .. #t)
+        end)
+        return "finished"
+      end)
+      pcall(mem.fail_after, 40, function()
+        assert(coroutine.resume(co))
+        local u = newproxy(true)
+        getmetatable(u).__gc = function() coroutine.resume(co) end
+        u = nil -- luacheck: ignore 311
+        collectgarbage()
+      end)
+      print("after:", coroutine.resume(co))
+    ]], "after:\ttrue\tfinished")
+  end)
+
+  -- A scope's default name (its function's label) is the module's bookkeeping, made outside the
+  -- request's arena, even when a finalizer run by a collection step inside that bookkeeping
+  -- calls the module.
+  it("a finalizer calling the module while a scope's name is made does not pin the arena", function()
+    expect_child([[
+      local mem = require "lunet.mem"
+      local new_finalizable = rawget(_G, "newproxy") and function(gc)
+        local u = newproxy(true)
+        getmetatable(u).__gc = gc
+        return u
+      end or function(gc) return setmetatable({}, { __gc = gc }) end
+      local load_string = rawget(_G, "loadstring") or load
+      local handlers = {}
+      for i = 1, 2000 do handlers[i] = load_string("return function() end", "=handler" .. i)() end
+      collectgarbage("setpause", 10)
+      for i = 1, #handlers do
+        new_finalizable(function() mem.current() end)
+        mem.scope({ name = "request " .. i, arena = true }, function() mem.scope(handlers[i]) end)
+      end
+      collectgarbage("setpause", 200)
+      mem.settle()
+      mem.settle()
+      local pinned = 0
+      for _, a in ipairs(mem.arenas()) do if a.pinned then pinned = pinned + 1 end end
+      print("pinned: " .. pinned)
+    ]], "pinned: 0")
+  end)
+end)

@@ -83,6 +83,9 @@ pub struct Tracker {
     /// the arena of) the active scope. Cleared at every call into the module, in case a memory
     /// error skipped the code that clears it.
     pub exempt: Cell<bool>,
+    /// `core.exempt_call` calls running: while any runs, `exempt` is not cleared at calls into
+    /// the module (a finalizer run inside one may call the module; the exemption must last).
+    pub exempt_calls: Cell<u32>,
     /// Budgeted scopes (a limit or an allowance) made and not closed yet: on LuaJIT 2.1 betas
     /// the compiler is off while there are any (see `mem.lua`).
     pub budgeted_scopes: Cell<u32>,
@@ -90,6 +93,10 @@ pub struct Tracker {
     /// mimalloc blocks are still live: the hook gives the state its own allocator back when the
     /// last of them is freed (see `crate::state::uninstall`). Null otherwise.
     pub closing: Cell<*mut lua_State>,
+    /// Lua 5.4/5.5: the state's main thread (set at install), to ask `lua_gc` whether the
+    /// collector is calling a finalizer (see [`Tracker::collector_in_finalizer`]).
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    pub main_thread: Cell<*mut lua_State>,
     /// The scope allocations are attributed to, or null. Invariant: when not null, it is the
     /// pointer held by `active_owner`, so it stays valid while it is active.
     pub(crate) active: Cell<*const Scope>,
@@ -158,8 +165,11 @@ impl Tracker {
             threads_ref: Cell::new(0),
             name_cache: Default::default(),
             exempt: Cell::new(false),
+            exempt_calls: Cell::new(0),
             budgeted_scopes: Cell::new(0),
             closing: Cell::new(ptr::null_mut()),
+            #[cfg(any(feature = "lua54", feature = "lua55"))]
+            main_thread: Cell::new(ptr::null_mut()),
             active: Cell::new(ptr::null()),
             active_owner: Cell::new(None),
             trace: Default::default(),
@@ -220,6 +230,25 @@ impl Tracker {
     fn admits(&self, scope: *const Scope, delta: usize, defer: bool) -> bool {
         // SAFETY: a non-null `scope` is the active one, kept alive by `active_owner`.
         scope.is_null() || unsafe { (*scope).admits(delta) } || (defer && self.overdraw(scope))
+    }
+
+    /// Lua 5.4.4+ and 5.5: whether the collector is calling a `__gc` finalizer (`lua_gc` answers
+    /// -1 then, "internal stop"). Such a call is not the scope's code, and Lua drops a finalizer
+    /// whose call fails for memory (with a warning): refused there, a finalizer that ends a
+    /// coroutine's scopes, or frees a resource, would never run. So what a budget would refuse
+    /// there is made for the scope (its arena, its counts) but not charged to its budget. Only
+    /// asked when a budget would refuse.
+    #[cold]
+    fn collector_in_finalizer(&self) -> bool {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        {
+            let main = self.main_thread.get();
+            // SAFETY: the main thread lives as long as the state; `LUA_GCISRUNNING` only reads
+            // the collector's state (no allocation, no error).
+            !main.is_null() && unsafe { ffi::lua_gc(main, ffi::LUA_GCISRUNNING) } == -1
+        }
+        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+        false
     }
 
     /// An allocation past the budgets of `scope` is admitted anyway: `scope` fails when it
@@ -402,7 +431,9 @@ impl Tracker {
             self.follow_jit_guard(scope.as_ref().is_some_and(|s| s.is_budgeted()));
             if let (Some(vm), true) = (
                 self.vm.get(),
-                scope.as_ref().is_some_and(|s| s.raise_pending.get()),
+                scope
+                    .as_ref()
+                    .is_some_and(|s| s.raise_pending.get() && s.past_budget()),
             ) {
                 // SAFETY: called from the module's C functions.
                 unsafe { crate::luajit::arm_budget_hook(self, vm) };
@@ -672,7 +703,8 @@ unsafe fn new_block<const MIMALLOC: bool>(
 
 /// Frees or resizes an arena block (see `crate::arena`). A resize stays in place when it can,
 /// else moves the block: to the same arena if it is the active one, else where `MIMALLOC`
-/// says. The arena only counts the free of the old block.
+/// says. The arena only counts the free of the old block. A growth is charged to `charge` (the
+/// active scope, or null when its budget let it through uncharged).
 ///
 /// # Safety
 /// As for [`hook`], with `block` an arena block of `t`'s state.
@@ -680,6 +712,7 @@ unsafe fn new_block<const MIMALLOC: bool>(
 unsafe fn arena_block<const MIMALLOC: bool>(
     t: &Tracker,
     scope: *const Scope,
+    charge: *const Scope,
     ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
@@ -698,7 +731,7 @@ unsafe fn arena_block<const MIMALLOC: bool>(
         let to = t.arenas.attribution_of(block, scope);
         if t.arenas.resize_in_place(block, osize, nsize) {
             t.on_realloc_for(to, osize, nsize);
-            t.ledger_resized(scope, block, block, osize, nsize);
+            t.ledger_resized(charge, block, block, osize, nsize);
             return block;
         }
         let mut moved = ptr::null_mut();
@@ -717,7 +750,7 @@ unsafe fn arena_block<const MIMALLOC: bool>(
         ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
         t.arenas.free(block, osize, ptr::null()); // (counted as the realloc below)
         t.on_realloc_for(to, osize, nsize);
-        t.ledger_resized(scope, block, moved, osize, nsize);
+        t.ledger_resized(charge, block, moved, osize, nsize);
         moved
     }
 }
@@ -793,7 +826,8 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
             }
             return result;
         }
-        if !tracker.admits(scope, nsize, defer) {
+        let charged = tracker.admits(scope, nsize, defer);
+        if !charged && !tracker.collector_in_finalizer() {
             return ptr::null_mut();
         }
         // SAFETY: forwarded contract; `scope` is the live active scope.
@@ -801,7 +835,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         if !result.is_null() {
             tracker.on_alloc(scope, nsize, osize);
             // SAFETY: the live active scope.
-            if unsafe { (*scope).tracks_kept() } {
+            if charged && unsafe { (*scope).tracks_kept() } {
                 // SAFETY: as above; the scope releases its entries when it closes.
                 unsafe { tracker.ledger.made(scope, result as usize, nsize) };
             }
@@ -809,16 +843,20 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         return result;
     }
     // A growth may fail (a scope's budget); a free or a shrink never does.
+    let mut charge = scope;
     if !scope.is_null()
         && nsize > osize
         && !tracker.admits(scope, nsize - osize, defer)
         && (tracker.may_refuse_growth(block) || !tracker.overdraw(scope))
     {
-        return ptr::null_mut();
+        if !tracker.collector_in_finalizer() {
+            return ptr::null_mut();
+        }
+        charge = ptr::null(); // (see `collector_in_finalizer`)
     }
     if arena::contains(block) {
         // SAFETY: forwarded contract; blocks in the arenas' range are arena blocks.
-        return unsafe { arena_block::<MIMALLOC>(tracker, scope, ud, block, osize, nsize) };
+        return unsafe { arena_block::<MIMALLOC>(tracker, scope, charge, ud, block, osize, nsize) };
     }
     // SAFETY: forwarded contract.
     let result = unsafe { serve::<MIMALLOC>(tracker, block, osize, nsize) };
@@ -829,7 +867,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         unsafe { after_free(tracker, ud) };
     } else if !result.is_null() {
         tracker.on_realloc(scope, osize, nsize);
-        tracker.ledger_resized(scope, block, result, osize, nsize);
+        tracker.ledger_resized(charge, block, result, osize, nsize);
     }
     result
 }

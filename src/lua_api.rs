@@ -165,7 +165,9 @@ unsafe fn check_tracker<'a>(L: *mut lua_State) -> &'a Tracker {
     // SAFETY: valid state.
     match unsafe { state::tracker(L) } {
         Some(t) => {
-            t.exempt.set(false); // (see its doc)
+            if t.exempt_calls.get() == 0 {
+                t.exempt.set(false); // (see its doc)
+            }
             t
         }
         // SAFETY: nothing with a destructor is alive here.
@@ -197,6 +199,29 @@ impl udata::Boxed for ThreadScopes {
     const METATABLE: &'static CStr = c"lunet.mem.thread_scopes";
     const NAME: &'static CStr = c"thread record";
     const TAG: u64 = 0x6c75_6e65_7474_7331;
+
+    /// A thread's record is finalized when the thread was collected (suspended inside its
+    /// scopes) or the state closes: nothing can close the scopes it has open any more, so they
+    /// end now, whatever else holds them. Left to their last holder, a scope object whose
+    /// finalizer Lua dropped kept such a scope and its arena running for good: PUC Lua drops a
+    /// finalizer whose call fails, and a budget active when the collector calls one may refuse
+    /// the stack or `CallInfo` the call needs. A record finalized by hand (the debug library
+    /// reaches it) whose thread still runs, or waits in a resume, keeps its scopes: one of them
+    /// is then the active scope or the running thread's `base`, or was opened in one of those.
+    unsafe fn finalize(&mut self, L: *mut lua_State) {
+        // SAFETY: `L` is a thread of a state whose tracker is found by checking its allocator;
+        // `thread_scopes` without `create` neither allocates nor raises.
+        unsafe {
+            let Some(t) = state::tracker(L) else { return };
+            let resumer_scope = thread_scopes(L, t, 0, false).and_then(|ts| ts.base.clone());
+            if self.in_chain_of(t.active_scope().as_ref())
+                || self.in_chain_of(resumer_scope.as_ref())
+            {
+                return;
+            }
+            self.end_open_scopes();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1014,7 +1039,9 @@ unsafe extern "C-unwind" fn l_exempt_call(L: *mut lua_State) -> c_int {
         let t = check_tracker(L);
         ffi::luaL_checkany(L, 1);
         let was = t.exempt.replace(true);
+        t.exempt_calls.set(t.exempt_calls.get() + 1);
         let status = ffi::lua_pcall(L, ffi::lua_gettop(L) - 1, ffi::LUA_MULTRET, 0);
+        t.exempt_calls.set(t.exempt_calls.get() - 1);
         t.exempt.set(was);
         if status != ffi::LUA_OK {
             ffi::lua_error(L);

@@ -442,6 +442,13 @@ unsafe extern "C-unwind" fn budget_hook(L: *mut lua_State, ar: *mut ffi::lua_Deb
             disarm_budget_hook(t, L); // (armed again when the scope is active again)
             return;
         }
+        if !(*scope).past_budget() {
+            // The budget it went past has closed since (a coroutine overdrew it in a finalizer
+            // and was resumed after), or is no longer exceeded: nothing to raise any more.
+            (*scope).raise_pending.set(false);
+            disarm_budget_hook(t, L);
+            return;
+        }
         if t.vm.get().is_some_and(|vm| vm.in_finalizer()) {
             return;
         }

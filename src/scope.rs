@@ -404,8 +404,9 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        // A scope dropped without closing (its coroutine was collected while suspended in it,
-        // or an error kept it from starting) ends now: its arena, its budget count.
+        // A scope dropped without closing (an error kept it from starting; a coroutine
+        // collected inside it ends it sooner, see `ThreadScopes::end_open_scopes`) ends now:
+        // its arena, its budget count.
         self.close();
         if !self.arena.is_null() {
             // SAFETY: the scope was one of the arena's users.
@@ -430,5 +431,28 @@ impl ThreadScopes {
     /// The scope allocations of this thread go to.
     pub fn effective(&self) -> Option<Rc<Scope>> {
         self.stack.last().or(self.base.as_ref()).cloned()
+    }
+
+    /// Whether the chain from `scope` (the scope and those it was opened in) holds one of the
+    /// scopes this thread has open.
+    pub fn in_chain_of(&self, scope: Option<&Rc<Scope>>) -> bool {
+        let mut at = scope;
+        while let Some(s) = at {
+            if self.stack.iter().any(|open| Rc::ptr_eq(open, s)) {
+                return true;
+            }
+            at = s.parent();
+        }
+        false
+    }
+
+    /// Ends the scopes the thread has open, innermost first, whatever else still holds them (a
+    /// scope object, the `base` of a coroutine resumed inside them, a scope opened in such a
+    /// coroutine): for a thread that can no longer close them (see `lua_api`'s finalizer of
+    /// thread records). `base` belongs to another thread and stays open.
+    pub fn end_open_scopes(&mut self) {
+        while let Some(scope) = self.stack.pop() {
+            scope.close();
+        }
     }
 }

@@ -80,6 +80,13 @@ pub unsafe fn install<'a>(L: *mut lua_State, serve: Serve) -> &'a Tracker {
         let baseline = gc_count_bytes(L);
         let tracker = Box::into_raw(Box::new(Tracker::new(host, host_ud, baseline)));
         ffi::lua_setallocf(L, hook_for(serve), tracker.cast());
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        {
+            // (the registry's main-thread slot: a lookup, no allocation)
+            ffi::lua_rawgeti(L, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_MAINTHREAD);
+            (*tracker).main_thread.set(ffi::lua_tothread(L, -1));
+            ffi::lua_pop(L, 1);
+        }
         &*tracker
     };
     // SAFETY: valid state with stack room; allocations from here on are tracked.

@@ -23,6 +23,13 @@ pub trait Boxed: Sized {
     const NAME: &'static CStr;
     /// Its tag (any constant distinct from the other types').
     const TAG: u64;
+
+    /// What the `__gc` metamethod does before it drops the value (by default, nothing).
+    ///
+    /// # Safety
+    /// `L` is the thread running the metamethod (called by the collector or by hand), with
+    /// `LUA_MINSTACK` free slots; the value is no longer in its userdata. Must not raise.
+    unsafe fn finalize(&mut self, _L: *mut lua_State) {}
 }
 
 /// The userdata's contents.
@@ -149,7 +156,9 @@ unsafe extern "C-unwind" fn gc<T: Boxed>(L: *mut lua_State) -> c_int {
         if !slot.is_null() {
             let value = mem::replace(&mut (*slot).value, ptr::null_mut());
             if !value.is_null() {
-                drop(Box::from_raw(value));
+                let mut boxed = Box::from_raw(value);
+                boxed.finalize(L);
+                drop(boxed);
             }
         }
     }
