@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Runs the benchmark on every interpreter, each with the module built by `luarocks make`:
-#   bash bench/run.sh [rounds]
+# Runs one benchmark on every interpreter, each with the module built by `luarocks make`:
+#   bash bench/run.sh [rounds]              the workloads, bare and in each mode (bench/run.lua)
+#   bash bench/run.sh trace [rounds]        tracing overhead (bench/trace.lua)
+#   bash bench/run.sh soak [requests]       memory over 10^6 arena-scoped requests (bench/soak.lua)
+# Each Lua driver prints a header line and then one block per interpreter; the header is
+# printed once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-11}
+case "${1:-}" in
+  trace) script=bench/trace.lua; args=("${2:-7}") ;;
+  soak) script=bench/soak.lua; args=("${2:-1000000}") ;;
+  *) script=bench/run.lua; args=("${1:-11}") ;;
+esac
+first=1
 for lua in luajit lua5.1 lua5.3 lua5.4; do
   env_line=$(bash scripts/rock.sh "$lua" 2>/dev/null)
-  (eval "$env_line"; "$lua" bench/run.lua "$lua" "$rounds") | { [ "$lua" = luajit ] && cat || tail -n +2; }
+  if [ "$script" = bench/soak.lua ]; then
+    (eval "$env_line"; "$lua" "$script" "${args[@]}")
+  else
+    (eval "$env_line"; "$lua" "$script" "$lua" "${args[@]}") | { [ $first = 1 ] && cat || tail -n +2; }
+  fi
+  first=0
 done

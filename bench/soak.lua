@@ -3,7 +3,7 @@
 -- 10% of the one after warm-up (the first tenth), live bytes after a full collection within
 -- 8 KiB of the warm-up's, and no arena is pinned; exits 1 otherwise.
 --
---   lua5.4 bench/soak.lua [requests]      (module found through LUA_CPATH; bench/soak.sh runs all)
+--   lua5.4 bench/soak.lua [requests]      (module found through LUA_CPATH; `bash bench/run.sh soak` runs all)
 local mem = require "lunet.mem"
 local n = tonumber(arg[1] or "1000000")
 

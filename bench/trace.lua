@@ -4,7 +4,7 @@
 -- off, so the interpreter with the compiler off (`interp`) is shown too.
 --
 --   lua5.4 bench/trace.lua [interpreter] [rounds]      (module found through LUA_CPATH)
---   bash bench/trace.sh [rounds]                       (every interpreter)
+--   bash bench/run.sh trace [rounds]                   (every interpreter)
 local interpreter = arg[1] or "lua5.4"
 local rounds = tonumber(arg[2] or "7")
 local sizes = { churn = 1000000, strings = 500000, handler = 20000 }

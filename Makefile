@@ -1,0 +1,52 @@
+# The project's tasks, one line each (every one is a script you can also run by hand).
+#   make test          everything CI runs; ends with "N passed, N failed"   (scripts/test.sh)
+#   make demo          builds the rock and runs examples/demo.lua           (scripts/demo.sh)
+#   make spec LUA=lua5.4   the busted specs on one interpreter, with the rock built for it
+#   make fuzz          the seeded random-program fuzzer on every interpreter (scripts/fuzz.sh)
+#   make conformance   the upstream Lua and LuaJIT suites with the module    (scripts/conformance.sh)
+#   make sanitize      the C API under ASan+LSan and valgrind                (scripts/c-tests.sh)
+#   make bench         workload ratios, bare vs each mode, one interleaved run (bench/run.sh)
+#   make fmt / lint    rustfmt; clippy for every Lua version and luacheck
+#   make rust-test     the Rust tests (vendored Lua 5.4; also plain `cargo test`)
+LUA ?= lua5.4
+FEATURES := luajit lua51 lua53 lua54
+
+.PHONY: test demo spec fuzz conformance sanitize bench fmt lint rust-test setup
+
+setup:
+	bash scripts/setup.sh
+
+test:
+	bash scripts/test.sh
+
+demo:
+	bash scripts/demo.sh
+
+spec:
+	eval "$$(bash scripts/rock.sh $(LUA))" && LUNET_MEM_LUA=$(LUA) busted --lua=$(LUA) spec/
+
+fuzz:
+	for lua in luajit lua5.1 lua5.3 lua5.4; do \
+	  (eval "$$(bash scripts/rock.sh $$lua)" && bash scripts/fuzz.sh --lua $$lua) || exit 1; done
+
+conformance:
+	for lua in luajit lua5.3 lua5.4; do \
+	  (eval "$$(bash scripts/rock.sh $$lua)" && bash scripts/conformance.sh --lua $$lua) || exit 1; done
+
+sanitize:
+	bash scripts/c-tests.sh asan
+	bash scripts/c-tests.sh valgrind
+
+bench:
+	bash bench/run.sh
+
+fmt:
+	cargo fmt
+
+lint:
+	for f in $(FEATURES); do cargo clippy --locked --no-default-features --features "$$f,module" \
+	  --target-dir "target/clippy-$$f" -- -D warnings || exit 1; done
+	luacheck --no-color src/lua lua spec examples bench tests
+
+rust-test:
+	cargo test --locked --no-default-features --features lua54,vendored --target-dir target/vendored-lua54
