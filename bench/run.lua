@@ -1,15 +1,20 @@
 -- Benchmark driver: runs each workload on the bare interpreter and with the module loaded,
--- interleaved (bare, host, mimalloc, scope, arena, bare, ...) in one run, and prints the best
--- time of the bare runs and the ratio of each mode's best time to it, then the peak RSS of the
--- handler workload in each mode against the bare run's. `*` marks the default allocator.
--- The best of several runs is the estimate least disturbed by a shared, noisy machine (the
--- noise only ever adds time); compare ratios, not seconds.
+-- interleaved (bare, host, mimalloc, scope, arena, bare, ...) in one run, and prints for each
+-- mode the ratio of its best time to the bare runs' best and of its median to their median,
+-- then the peak RSS of the request loops in each mode against the bare run's. `*` marks the
+-- default allocator. The request loops (handler, retain16, retain256) keep each response for
+-- the next 1, 16 or 256 requests. The best of several runs is the estimate least disturbed by
+-- a shared, noisy machine (the noise only ever adds time); the median shows how noisy it was.
+-- Compare ratios, not seconds.
 --
 --   lua5.4 bench/run.lua [interpreter] [rounds]      (module found through LUA_CPATH)
 local interpreter = arg[1] or "lua5.4"
 local rounds = tonumber(arg[2] or "11")
-local sizes = { churn = 2000000, strings = 1000000, handler = 40000 }
-local workloads = { "churn", "strings", "handler" }
+local sizes = { churn = 2000000, strings = 1000000, handler = 40000, retain16 = 40000,
+  retain256 = 40000 }
+local workloads = { "churn", "strings", "handler", "retain16", "retain256" }
+-- the request loops, run in every mode (scope and arena too), with their peak RSS
+local requests = { handler = true, retain16 = true, retain256 = true }
 
 -- Modes: the bare interpreter; the module with each allocator; a scope per request.
 local MODES = {
@@ -35,36 +40,55 @@ local function best(xs)
   return xs[1]
 end
 
+local function median(xs)
+  table.sort(xs)
+  local n = #xs
+  return n % 2 == 1 and xs[(n + 1) / 2] or (xs[n / 2] + xs[n / 2 + 1]) / 2
+end
+
 -- The allocator the module uses unless told (see src/state.rs: default_serve).
 local default = "mimalloc"
+local columns = { "host", "mimalloc", "scope", "arena" }
 
-print(("%-8s %-8s %9s %11s %11s %11s %11s")
-  :format("interp", "workload", "bare (s)", "host/bare", "mimalloc/b", "scope/bare", "arena/bare"))
-local rss = {}
+-- Each cell: the ratio of the mode's best time to the bare run's best, then of the medians
+-- (their difference shows the noise).
+print(("%-8s %-9s %9s  %-13s %-13s %-13s %-13s"):format("interp", "workload", "bare (s)",
+  "host/bare", "mimalloc/bare", "scope/bare", "arena/bare"))
+print(("%-8s %-9s %9s  %-13s %-13s %-13s %-13s"):format("", "", "best",
+  "best  median", "best  median", "best  median", "best  median"))
+local rss_rows = {}
 for _, workload in ipairs(workloads) do
   local times = { bare = {}, host = {}, mimalloc = {}, scope = {}, arena = {} }
+  local rss = {}
   local modes = { "bare", "host", "mimalloc" }
-  if workload == "handler" then
+  if requests[workload] then
     modes[#modes + 1] = "scope"
     modes[#modes + 1] = "arena"
   end
   for _ = 1, rounds do
     for _, name in ipairs(modes) do
-      local t = times[name]
       local seconds, hwm = run(workload, name)
+      local t = times[name]
       t[#t + 1] = seconds
-      if workload == "handler" then rss[name] = math.max(rss[name] or 0, hwm) end
+      rss[name] = math.max(rss[name] or 0, hwm)
     end
   end
-  local bare = best(times.bare)
-  local function ratio(name, mark)
-    if #times[name] == 0 then return ("%11s"):format("-") end
-    return ("%10.3f%s"):format(best(times[name]) / bare, mark and "*" or " ")
+  local bare_best, bare_median = best(times.bare), median(times.bare)
+  local cells = {}
+  for _, name in ipairs(columns) do
+    if #times[name] == 0 then
+      cells[#cells + 1] = ("%-13s"):format("-")
+    else
+      cells[#cells + 1] = ("%5.3f%s %5.3f"):format(best(times[name]) / bare_best,
+        default == name and "*" or " ", median(times[name]) / bare_median)
+    end
   end
-  print(("%-8s %-8s %9.3f %s %s %s %s"):format(interpreter, workload, bare,
-    ratio("host", default == "host"), ratio("mimalloc", default == "mimalloc"), ratio("scope"),
-    ratio("arena")))
+  print(("%-8s %-9s %9.3f  %s"):format(interpreter, workload, bare_best, table.concat(cells, " ")))
+  if requests[workload] then
+    rss_rows[#rss_rows + 1] = ("%-8s %-9s %6d KiB  %-13.3f %-13.3f %-13.3f %-13.3f"):format(
+      interpreter, workload, rss.bare, rss.host / rss.bare, rss.mimalloc / rss.bare,
+      rss.scope / rss.bare, rss.arena / rss.bare)
+  end
 end
-print(("%-8s %-8s %7d KiB %10.3f  %10.3f  %10.3f  %10.3f   (peak RSS / bare)"):format(
-  interpreter, "rss", rss.bare, rss.host / rss.bare, rss.mimalloc / rss.bare,
-  rss.scope / rss.bare, rss.arena / rss.bare))
+print(("%-8s %-9s %10s  (peak RSS / bare)"):format(interpreter, "rss", "bare"))
+for _, row in ipairs(rss_rows) do print(row) end

@@ -1,5 +1,6 @@
 -- One benchmark run: lua bench/workloads.lua WORKLOAD MODE N
---   WORKLOAD: churn | strings | handler
+--   WORKLOAD: churn | strings | handler | retain16 | retain256 (the handler's responses kept
+--             for the next 16 or 256 requests)
 --   MODE:     bare (no module) | track (module loaded) | scope (module, a scope per request)
 --             | arena (module, an arena scope per request)
 --   (LUNET_MEM_ALLOCATOR=host|mimalloc in the environment picks where new blocks come from)
@@ -42,18 +43,24 @@ end
 -- A request handler: parse a header block, build a response table, format a body, drop it all.
 local handler, raw = dofile("bench/handler.lua")
 
+-- Each request's response is kept for the `keep` requests that follow (1: dropped at once, as
+-- a request whose result is written out; 16 or 256: a send queue or a cache), so that with an
+-- arena scope the arenas of the last `keep` requests are alive at any time.
 local ARENA = { name = "GET /users", arena = true }
-function work.handler(iterations)
-  local last
+local function serve(iterations, keep)
+  local ring = {}
   if mode == "scope" then
-    for _ = 1, iterations do last = mem.scope("GET /users", handler, raw) end
+    for i = 1, iterations do ring[i % keep + 1] = mem.scope("GET /users", handler, raw) end
   elseif mode == "arena" then
-    for _ = 1, iterations do last = mem.scope(ARENA, handler, raw) end
+    for i = 1, iterations do ring[i % keep + 1] = mem.scope(ARENA, handler, raw) end
   else
-    for _ = 1, iterations do last = handler(raw) end
+    for i = 1, iterations do ring[i % keep + 1] = handler(raw) end
   end
-  return last
+  return ring
 end
+function work.handler(iterations) return serve(iterations, 1) end
+function work.retain16(iterations) return serve(iterations, 16) end
+function work.retain256(iterations) return serve(iterations, 256) end
 
 local f = assert(work[workload], "unknown workload")
 collectgarbage("collect")
