@@ -7,7 +7,7 @@
 #   make sanitize      the C API under ASan+LSan and valgrind                (scripts/c-tests.sh)
 #   make bench         workload ratios, bare vs each mode, one interleaved run (bench/run.sh)
 #   make fmt / lint    rustfmt; clippy for every Lua version and luacheck
-#   make rust-test     the Rust tests (vendored Lua 5.4; also plain `cargo test`)
+#   make rust-test     the Rust tests of both crates (vendored Lua 5.4; `cargo test` runs the module's)
 LUA ?= lua5.4
 FEATURES := luajit lua51 lua53 lua54
 
@@ -49,4 +49,4 @@ lint:
 	luacheck --no-color src/lua lua spec examples bench tests
 
 rust-test:
-	cargo test --locked --no-default-features --features lua54,vendored --target-dir target/vendored-lua54
+	cargo test --locked --workspace

@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
-# The C API's proof (the design report's phase 1: `make sanitize`): builds the static library for
-# Lua 5.4, then tests/c/uv_proof.c (libuv work items with worker arenas and tracked buffers,
-# checkpoints, a Lua state resumed from C) and tests/c/misuse.c, and runs them
-#   plain       bash scripts/c-tests.sh plain
+# The C API's proof (the design report's phase 1: `make sanitize`): builds the module's static
+# library for Lua 5.4 and the Lua-free C library (crates/lunet-mem-c), then tests/c/uv_proof.c
+# (libuv work items with worker arenas and tracked buffers, checkpoints, a Lua state resumed from
+# C) and tests/c/misuse.c, and runs them
+#   plain       bash scripts/c-tests.sh plain      (the exports check too)
 #   under ASan  bash scripts/c-tests.sh asan       (gcc -fsanitize=address, LeakSanitizer on)
 #   valgrind    bash scripts/c-tests.sh valgrind   (memcheck: 0 errors, 0 bytes definitely lost)
-#   misuse      bash scripts/c-tests.sh misuse     (each bad use aborts with a clear message)
+#   misuse      bash scripts/c-tests.sh misuse     (each bad use aborts with a clear message,
+#                                                   linked with either library)
+#   symbols     bash scripts/c-tests.sh symbols    (tests/c/exports.sh: the exports match
+#                                                   include/lunet_mem.h)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-plain}
 out=target/c
 mkdir -p "$out"
 cargo build --release --locked --no-default-features --features lua54,module --target-dir target/c-lua54 >&2
+cargo build --release --locked -p lunet-mem-c --target-dir target/c-lua54 >&2
 lib=target/c-lua54/release/liblunet_mem.a
+# The tracked malloc alone: what C code without Lua links.
+c_only_lib=target/c-lua54/release/liblunet_mem_c.a
 cflags=(-std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -g -Iinclude -I/usr/include/lua5.4)
 libs=("$lib" -luv -llua5.4 -lpthread -ldl -lm)
 
+check_exports() {
+  bash tests/c/exports.sh target/c-lua54/release/liblunet_mem.so \
+    target/c-lua54/release/liblunet_mem_c.so
+}
+
 case "$mode" in
+  symbols) check_exports ;;
   plain)
+    check_exports
     gcc "${cflags[@]}" -O2 tests/c/uv_proof.c -o "$out/uv_proof" "${libs[@]}"
     "$out/uv_proof" "${2:-100000}" ;;
   asan)
@@ -32,18 +46,21 @@ case "$mode" in
       --show-leak-kinds=definite "$out/uv_proof_vg" "${2:-20000}" ;;
   misuse)
     gcc "${cflags[@]}" -O1 tests/c/misuse.c -o "$out/misuse" "${libs[@]}"
+    gcc "${cflags[@]}" -O1 tests/c/misuse.c -o "$out/misuse_c_only" "$c_only_lib" -lpthread -ldl -lm
     expect() {
-      local case=$1 text=$2 err status
-      set +e
-      err=$("$out/misuse" "$case" 2>&1 >/dev/null)
-      status=$?
-      set -e
-      if [ "$status" -lt 128 ] || ! grep -qF -- "$text" <<<"$err"; then
-        echo "misuse $case: status $status, expected an abort with: $text"
-        echo "$err"
-        return 1
-      fi
-      echo "misuse $case: aborted with: $(head -n 1 <<<"$err")"
+      local case=$1 text=$2 err status bin
+      for bin in misuse misuse_c_only; do
+        set +e
+        err=$("$out/$bin" "$case" 2>&1 >/dev/null)
+        status=$?
+        set -e
+        if [ "$status" -lt 128 ] || ! grep -qF -- "$text" <<<"$err"; then
+          echo "$bin $case: status $status, expected an abort with: $text"
+          echo "$err"
+          return 1
+        fi
+        echo "$bin $case: aborted with: $(head -n 1 <<<"$err")"
+      done
     }
     expect double-free "already freed (allocated at tests/c/misuse.c:"
     expect double-free-late "already freed (allocated at tests/c/misuse.c:"
@@ -56,5 +73,5 @@ case "$mode" in
     expect arena-free-other-thread "a worker arena's block, freed on another thread"
     expect leak "MEMORY LEAK at request 42: allocs=1 frees=0"
     ;;
-  *) echo "usage: scripts/c-tests.sh plain|asan|valgrind|misuse" >&2; exit 2 ;;
+  *) echo "usage: scripts/c-tests.sh plain|asan|valgrind|misuse|symbols" >&2; exit 2 ;;
 esac

@@ -63,6 +63,8 @@ for f in "${features[@]}"; do
 done
 check "cargo clippy (lua54,vendored, tests)" cargo clippy --locked --no-default-features \
   --features lua54,vendored --all-targets --target-dir target/vendored-lua54 -- -D warnings
+check "cargo clippy (lunet-mem-c, tests)" cargo clippy --locked -p lunet-mem-c --all-targets \
+  --target-dir target/c-crate -- -D warnings
 check "luacheck" luacheck --no-color src/lua lua spec examples bench tests
 
 echo "== rust tests (mlua's vendored Lua), with each allocator"
@@ -77,6 +79,13 @@ for f in lua54 luajit; do
     count "cargo test ($f,vendored, $allocator)" "$p" "$f_" "$log"
   done
 done
+
+log="$log_dir/cargo-test-c-crate.log"
+cargo test --locked -p lunet-mem-c --target-dir target/c-crate >"$log" 2>&1
+p=$(grep -Eo "test result: [a-zA-Z]+\. [0-9]+ passed" "$log" | awk '{s += $4} END {print s + 0}')
+f_=$(grep -Eo "[0-9]+ failed" "$log" | awk '{s += $1} END {print s + 0}')
+if ! grep -q "test result" "$log"; then f_=1; fi
+count "cargo test (lunet-mem-c, no Lua)" "$p" "$f_" "$log"
 
 echo "== luarocks make + busted"
 for lua in "${interpreters[@]}"; do

@@ -422,15 +422,24 @@ mod tests {
                         scopes[scope].close();
                         open[scope] = false;
                         let heir = if scope == B && open[A] { Some(A) } else { None };
+                        // the heir takes the closed scope's charge: into its own charge if
+                        // it has one, else in the closed scope's place (the charge's age)
                         for (_, _, charges) in blocks.iter_mut() {
                             let mine: usize =
                                 charges.iter().filter(|ch| ch.0 == scope).map(|ch| ch.1).sum();
-                            charges.retain(|ch| ch.0 != scope);
-                            if let (Some(h), true) = (heir, mine > 0) {
-                                match charges.iter_mut().find(|ch| ch.0 == h) {
-                                    Some(ch) => ch.1 += mine,
-                                    None => charges.push((h, mine)),
+                            match heir {
+                                Some(h) if charges.iter().any(|ch| ch.0 == h) => {
+                                    charges.retain(|ch| ch.0 != scope);
+                                    if let Some(ch) = charges.iter_mut().find(|ch| ch.0 == h) {
+                                        ch.1 += mine;
+                                    }
                                 }
+                                Some(h) => {
+                                    for ch in charges.iter_mut().filter(|ch| ch.0 == scope) {
+                                        ch.0 = h;
+                                    }
+                                }
+                                None => charges.retain(|ch| ch.0 != scope),
                             }
                         }
                     }
