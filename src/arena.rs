@@ -213,9 +213,9 @@ pub unsafe fn kind_of(p: *mut c_void) -> usize {
 pub struct Arena {
     /// The name of the scope that made it.
     pub name: Rc<str>,
-    /// The scope that made it while that scope is open (frees of its blocks are that scope's),
-    /// else null.
-    pub owner: Cell<*const crate::scope::Scope>,
+    /// Who made it, while they want its frees (the scope module: the arena's scope while it is
+    /// open), else null. Opaque here: the arena only keeps it, and clears it when it ends.
+    owner: Cell<*const ()>,
     /// Bump cursors by kind ([`OBJECTS`], [`OTHER`]).
     cursors: [Cursor; 2],
     /// Blocks and bytes (Lua's sizes) alive in the arena.
@@ -229,7 +229,7 @@ pub struct Arena {
     pub reserved_bytes: Cell<u64>,
     /// Set when its scope ended; no block is placed in it after that.
     pub ended: Cell<bool>,
-    /// The state's GC cycle count when the scope ended.
+    /// The set's clock (the state's GC cycle count) when the scope ended.
     pub ended_at: Cell<u64>,
     /// Set when reclaimed: its chunks are gone and it is off its set's list.
     reclaimed: Cell<bool>,
@@ -253,7 +253,17 @@ pub struct ArenaInfo {
     pub age: Option<u64>,
 }
 
-/// A state's arenas, its pool of free chunks and its GC cycle count.
+/// What [`ArenaSet::free`] read of a freed block's arena before counting the free.
+#[derive(Clone, Copy)]
+pub struct FreedFrom {
+    /// The arena that held the block: to compare with, not to dereference (the free may have
+    /// reclaimed it).
+    pub arena: *const Arena,
+    /// Its owner then (see `Arena::owner`).
+    pub owner: *const (),
+}
+
+/// A state's arenas and its pool of free chunks.
 ///
 /// Single-threaded, like the state: plain `Cell`s.
 pub struct ArenaSet {
@@ -271,14 +281,21 @@ pub struct ArenaSet {
     /// Free chunks by class, and their bytes.
     pool: [Cell<*mut Chunk>; CLASSES],
     pub pool_bytes: Cell<u64>,
-    /// GC cycles completed (counted by a finalizer that re-arms itself, see `crate::lua_api`).
-    pub gc_cycles: Cell<u64>,
-    /// Whether that finalizer is armed.
-    pub ticking: Cell<bool>,
+    /// The clock an arena's end is stamped with and its age read from: the state's GC cycle
+    /// count, which the tracker owns and advances (`Tracker::gc_cycles`).
+    clock: Rc<Cell<u64>>,
 }
 
 impl Default for ArenaSet {
+    /// A set with a clock of its own (that nothing advances).
     fn default() -> Self {
+        ArenaSet::with_clock(Rc::default())
+    }
+}
+
+impl ArenaSet {
+    /// An empty set whose arenas' ages are read from `clock`.
+    pub fn with_clock(clock: Rc<Cell<u64>>) -> Self {
         ArenaSet {
             head: Cell::new(ptr::null_mut()),
             count: Cell::new(0),
@@ -288,13 +305,10 @@ impl Default for ArenaSet {
             reserved_bytes: Cell::new(0),
             pool: Default::default(),
             pool_bytes: Cell::new(0),
-            gc_cycles: Cell::new(0),
-            ticking: Cell::new(false),
+            clock,
         }
     }
-}
 
-impl ArenaSet {
     /// A new arena named `name` whose first chunk holds `first_chunk` bytes, with one user
     /// (the scope that opens it).
     pub fn open(&self, name: Rc<str>, first_chunk: usize) -> *mut Arena {
@@ -349,7 +363,7 @@ impl ArenaSet {
                 age: arena
                     .ended
                     .get()
-                    .then(|| self.gc_cycles.get() - arena.ended_at.get()),
+                    .then(|| self.clock.get() - arena.ended_at.get()),
             });
             a = arena.next.get();
         }
@@ -497,26 +511,25 @@ impl ArenaSet {
         block
     }
 
-    /// Counts the free of the arena block `block` of `osize` bytes.
+    /// Counts the free of the arena block `block` of `osize` bytes. Returns what the free's
+    /// attribution needs to know of the block's arena, read before the free may reclaim it.
     ///
     /// # Safety
     /// `contains(block)`, and `block` is a live block of this set's arenas.
-    /// Returns the scope its free is to be attributed to (see [`ArenaSet::attribution`]),
-    /// read before the arena may be reclaimed.
     #[inline(always)]
-    pub unsafe fn free(
-        &self,
-        block: *mut c_void,
-        osize: usize,
-        active: *const crate::scope::Scope,
-    ) -> *const crate::scope::Scope {
+    pub unsafe fn free(&self, block: *mut c_void, osize: usize) -> FreedFrom {
         // SAFETY: the caller's contract: the block's chunk and arena are live.
         unsafe {
             let chunk = chunk_of(block);
+            debug_assert!((*chunk).live > 0 && !(*chunk).arena.is_null());
             (*chunk).live -= 1;
             let arena = (*chunk).arena;
             let a = &*arena;
-            let attribute_to = Self::attribution(arena, active);
+            debug_assert!(ptr::eq(a.set.get(), self) && !a.reclaimed.get());
+            let from = FreedFrom {
+                arena,
+                owner: a.owner.get(),
+            };
             a.live_blocks.set(a.live_blocks.get() - 1);
             a.live_bytes.set(a.live_bytes.get() - osize as u64);
             if (*chunk).kind as usize == OBJECTS {
@@ -527,44 +540,22 @@ impl ArenaSet {
             if (*chunk).live == 0 {
                 self.chunk_emptied(a, chunk);
             }
-            attribute_to
+            from
         }
     }
 
-    /// The scope the free of a block of `arena` counts for: the active scope if it places its
-    /// blocks in that arena (the arena's own scope or one opened inside it), else the scope
-    /// that made the arena while it is open (a collection step that runs during another
-    /// request frees this request's garbage), else none.
+    /// The arena that holds the arena block `block`.
     ///
     /// # Safety
-    /// `arena` is live; `active` is null or a live scope.
+    /// `contains(block)`, a live block of this set's arenas.
     #[inline(always)]
-    unsafe fn attribution(
-        arena: *mut Arena,
-        active: *const crate::scope::Scope,
-    ) -> *const crate::scope::Scope {
-        // SAFETY: the caller's contract.
+    pub unsafe fn arena_of(&self, block: *mut c_void) -> &Arena {
+        // SAFETY: the caller's contract: a live block's chunk belongs to a live arena.
         unsafe {
-            if !active.is_null() && (*active).arena() == arena {
-                active
-            } else {
-                (*arena).owner.get()
-            }
+            let arena = (*chunk_of(block)).arena;
+            debug_assert!(!arena.is_null() && ptr::eq((*arena).set.get(), self));
+            &*arena
         }
-    }
-
-    /// The scope the resize of the arena block `block` counts for (as its free would, see
-    /// [`ArenaSet::attribution`]).
-    ///
-    /// # Safety
-    /// `contains(block)`, a live block of this set's arenas; `active` null or a live scope.
-    pub unsafe fn attribution_of(
-        &self,
-        block: *mut c_void,
-        active: *const crate::scope::Scope,
-    ) -> *const crate::scope::Scope {
-        // SAFETY: the caller's contract.
-        unsafe { Self::attribution((*chunk_of(block)).arena, active) }
     }
 
     /// The arena that holds `block`, if it is the arena `active` and that arena still takes
@@ -661,7 +652,7 @@ impl ArenaSet {
             return;
         }
         a.ended.set(true);
-        a.ended_at.set(self.gc_cycles.get());
+        a.ended_at.set(self.clock.get());
         a.owner.set(ptr::null());
         for c in &a.cursors {
             c.bump.set(0);
@@ -715,6 +706,17 @@ impl ArenaSet {
 }
 
 impl Arena {
+    /// Who made it, while they want its frees (see the field); null once it has ended.
+    #[inline(always)]
+    pub fn owner(&self) -> *const () {
+        self.owner.get()
+    }
+
+    /// Sets who made it (kept until it ends).
+    pub fn set_owner(&self, owner: *const ()) {
+        self.owner.set(owner);
+    }
+
     /// One more scope refers to `arena`.
     ///
     /// # Safety
@@ -827,7 +829,7 @@ mod tests {
             set.end(arena);
             assert_eq!(set.count.get(), 1, "live blocks keep it");
             for (b, n) in blocks {
-                set.free(b, n, ptr::null());
+                set.free(b, n);
             }
             assert_eq!((set.count.get(), set.reserved_bytes.get()), (0, 0));
             Arena::drop_user(arena);

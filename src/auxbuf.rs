@@ -126,12 +126,11 @@ impl AuxBuffers {
 /// module doc); the block comes from where `MIMALLOC` says, as any other.
 ///
 /// # Safety
-/// The `lua_Alloc` contract; `ud` is the live tracker `t`; a non-null `block` is a live box.
+/// The `lua_Alloc` contract; `t` is the live tracker; a non-null `block` is a live box.
 #[cold]
 #[inline(never)]
 pub unsafe fn serve_buffer<const MIMALLOC: bool>(
     t: &Tracker,
-    ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
     nsize: usize,
@@ -154,8 +153,6 @@ pub unsafe fn serve_buffer<const MIMALLOC: bool>(
         aux.list().swap_remove(i);
         aux.bytes.set(aux.bytes.get() - osize as u64);
         aux.changed();
-        // SAFETY: `t` is not used after this.
-        unsafe { crate::hook::after_free(t, ud) };
     } else if !result.is_null() {
         aux.list()[i] = (result as usize, nsize);
         aux.bytes.set(aux.bytes.get() + nsize as u64 - osize as u64);

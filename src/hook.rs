@@ -10,7 +10,9 @@ use std::ffi::{c_int, c_void};
 use std::ptr;
 use std::rc::Rc;
 
-use mlua::ffi::{self, lua_State};
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+use mlua::ffi;
+use mlua::ffi::lua_State;
 
 use crate::arena::{self, ArenaSet};
 use crate::scope::Scope;
@@ -35,8 +37,11 @@ type CachedName = (usize, Rc<str>);
 
 /// Reasons the module keeps LuaJIT's compiler off (see [`Tracker::hold_jit`]): a budgeted scope
 /// is active (2.1 betas), `mem.trace` is recording, a neutrality check runs.
+#[cfg(feature = "luajit")]
 pub const JIT_HELD_BY_BUDGET: u8 = 1;
+#[cfg(feature = "luajit")]
 pub const JIT_HELD_BY_TRACE: u8 = 2;
+#[cfg(feature = "luajit")]
 pub const JIT_HELD_BY_CHECK: u8 = 4;
 
 /// Counters of one Lua state's allocations since the tracker was installed.
@@ -141,6 +146,11 @@ pub struct Tracker {
     /// What budgeted scopes keep (`crate::ledger`). Declared after `active_owner`, whose scope
     /// may have entries in it.
     pub ledger: crate::ledger::Ledger,
+    /// GC cycles completed (counted by a finalizer that re-arms itself, see `crate::lua_api`):
+    /// the clock of the arenas' ages, shared with `arenas`.
+    pub gc_cycles: Rc<Cell<u64>>,
+    /// Whether that finalizer is armed.
+    pub gc_ticking: Cell<bool>,
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
     pub arenas: ArenaSet,
@@ -148,6 +158,7 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(host_alloc: LuaAlloc, host_ud: *mut c_void, baseline_bytes: u64) -> Tracker {
+        let gc_cycles = Rc::new(Cell::new(0));
         Tracker {
             host_alloc,
             host_ud,
@@ -192,7 +203,9 @@ impl Tracker {
             #[cfg(aux_buffers)]
             aux: Default::default(),
             ledger: Default::default(),
-            arenas: ArenaSet::default(),
+            arenas: ArenaSet::with_clock(gc_cycles.clone()),
+            gc_cycles,
+            gc_ticking: Cell::new(false),
         }
     }
 
@@ -558,21 +571,10 @@ fn vm_in_hook(t: &Tracker) -> bool {
     t.vm.get().is_some_and(|vm| vm.in_hook())
 }
 
-/// Where the hook gets new blocks from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Serve {
-    /// Every call goes to the allocator the host installed.
-    Host,
-    /// New blocks come from mimalloc; blocks made before the hook was installed still go back
-    /// to the host allocator (ownership is told by `mi_is_in_heap_region`). Faster than glibc's
-    /// malloc for Lua's small blocks, which pays for the counting.
-    Mimalloc,
-}
-
 /// Gets, resizes or frees a block for `tracker`, from where `SERVE` says.
 ///
 /// # Safety
-/// The `lua_Alloc` contract (see [`hook`]); with `MIMALLOC`, every block not in
+/// The `lua_Alloc` contract (see [`counted`]); with `MIMALLOC`, every block not in
 /// mimalloc's heap was made by the host allocator.
 #[inline(always)]
 pub(crate) unsafe fn serve<const MIMALLOC: bool>(
@@ -619,51 +621,6 @@ pub(crate) unsafe fn serve<const MIMALLOC: bool>(
     }
 }
 
-/// In `lua_close`, once no block of ours (mimalloc's or an arena's) is live: gives the state its
-/// own allocator back and frees the tracker. Returns whether it did (then `ud` is gone).
-///
-/// # Safety
-/// `ud` is the live tracker `t`; `t.closing` is the closing state's main thread.
-#[cold]
-#[inline(never)]
-unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
-    if t.own_blocks() > 0 {
-        return false;
-    }
-    let L = t.closing.get();
-    let mut installed_ud = ptr::null_mut();
-    // SAFETY: the main thread lives until the state's last block is freed; these only read and
-    // write the global state's allocator fields.
-    unsafe {
-        let installed = ffi::lua_getallocf(L, &mut installed_ud);
-        if !is_tracking_alloc(installed) || installed_ud != ud {
-            return false; // something wrapped us: the hook stays until the last block
-        }
-        ffi::lua_setallocf(L, t.host_alloc, t.host_ud);
-        drop(Box::from_raw(ud as *mut Tracker));
-    }
-    true
-}
-
-/// After a block was freed: ends the tracker if the state is closing and that was the last
-/// block of ours, or if it was the state's last block. Returns whether the tracker is gone.
-///
-/// # Safety
-/// `ud` is the live tracker `t`, not used by the caller if this returns true.
-#[inline(always)]
-pub(crate) unsafe fn after_free(t: &Tracker, ud: *mut c_void) -> bool {
-    // SAFETY: `closing` is set only by the sentinel's finalizer in `lua_close`.
-    if !t.closing.get().is_null() && unsafe { finish_close(t, ud) } {
-        return true;
-    }
-    if t.live_bytes.get() == 0 {
-        // SAFETY: the state is gone (see `hook`); `t` is not used after this.
-        unsafe { drop(Box::from_raw(ud as *mut Tracker)) };
-        return true;
-    }
-    false
-}
-
 /// A new block of `nsize` bytes (`tag`: Lua 5.2+'s type tag, else 0): in the active scope's
 /// arena if it has one (in its object chunks if the tag says it is an object; on 5.1 and
 /// LuaJIT, which pass no tag, if it is small enough to be one), else from where `MIMALLOC` says.
@@ -707,13 +664,12 @@ unsafe fn new_block<const MIMALLOC: bool>(
 /// active scope, or null when its budget let it through uncharged).
 ///
 /// # Safety
-/// As for [`hook`], with `block` an arena block of `t`'s state.
+/// As for [`counted`], with `block` an arena block of `t`'s state.
 #[inline(never)]
 unsafe fn arena_block<const MIMALLOC: bool>(
     t: &Tracker,
     scope: *const Scope,
     charge: *const Scope,
-    ud: *mut c_void,
     block: *mut c_void,
     osize: usize,
     nsize: usize,
@@ -721,14 +677,15 @@ unsafe fn arena_block<const MIMALLOC: bool>(
     // SAFETY: the caller's contract: `block` is a live arena block of `osize` bytes.
     unsafe {
         if nsize == 0 {
-            let to = t.arenas.free(block, osize, scope);
+            let from = t.arenas.free(block, osize);
+            let to = Scope::arena_free_attribution(scope, from);
             t.on_free_for(osize, to);
             t.ledger_freed(block);
-            after_free(t, ud);
             return ptr::null_mut();
         }
         // (a resize counts for the scope its arena's frees count for)
-        let to = t.arenas.attribution_of(block, scope);
+        let held_by = t.arenas.arena_of(block);
+        let to = Scope::arena_attribution(scope, held_by, held_by.owner());
         if t.arenas.resize_in_place(block, osize, nsize) {
             t.on_realloc_for(to, osize, nsize);
             t.ledger_resized(charge, block, block, osize, nsize);
@@ -748,14 +705,16 @@ unsafe fn arena_block<const MIMALLOC: bool>(
             }
         }
         ptr::copy_nonoverlapping(block as *const u8, moved as *mut u8, osize.min(nsize));
-        t.arenas.free(block, osize, ptr::null()); // (counted as the realloc below)
+        t.arenas.free(block, osize); // (counted as the realloc below)
         t.on_realloc_for(to, osize, nsize);
         t.ledger_resized(charge, block, moved, osize, nsize);
         moved
     }
 }
 
-/// The body of both hooks ([`lunet_mem_alloc_host`], [`lunet_mem_alloc_mimalloc`]): serve the call, then count what succeeded.
+/// The hook's work without tracing: serve the call, then count what succeeded. A free may
+/// leave the tracker with no block to wait for: the caller then ends it (`crate::state`'s
+/// entries, see `crate::state::after_free`).
 ///
 /// The `lua_Alloc` contract (Lua's `lmem.c`): `ptr == NULL` asks for a new block of `nsize`
 /// bytes, and `osize` is then a type tag (Lua 5.2+) or 0, never a size; `nsize == 0` frees `ptr`
@@ -763,34 +722,9 @@ unsafe fn arena_block<const MIMALLOC: bool>(
 /// `nsize` bytes. A NULL result means failure and leaves the old block untouched, so counters move
 /// only when the allocation succeeded.
 ///
-/// How the tracker ends: in `lua_close`, the sentinel's finalizer gives the state its own
-/// allocator back (host serving, no arena block live), or marks the tracker closing and the hook
-/// does it once no block of ours is live. If neither could (another allocator wrapped ours),
-/// the free that brings `live_bytes` to 0 frees the tracker: that is the state's last block (its
-/// main thread and global state, freed last by `lua_close`), and no call can follow.
-///
 /// # Safety
-/// `ud` must be a live `Tracker` made by [`crate::state::install`], and the call must follow the
-/// `lua_Alloc` contract (Lua itself guarantees this).
-#[inline(always)]
-unsafe fn hook<const MIMALLOC: bool>(
-    ud: *mut c_void,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-    caller: usize,
-) -> *mut c_void {
-    // SAFETY: the caller guarantees `ud` is a live Tracker.
-    let tracker = unsafe { &*(ud as *const Tracker) };
-    // (Tracing costs this hook nothing: `mem.trace.start` installs the traced hooks instead.)
-    // SAFETY: forwarded contract.
-    unsafe { counted::<MIMALLOC>(tracker, ud, block, osize, nsize, caller) }
-}
-
-/// The hook's work without tracing: serve the call, then count what succeeded (see [`hook`]).
-///
-/// # Safety
-/// As for [`hook`], with `tracker` the live tracker at `ud`.
+/// `tracker` is the live tracker at `ud` (made by `crate::state::install`), and the call follows
+/// the `lua_Alloc` contract (Lua itself guarantees this).
 #[inline(always)]
 pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     tracker: &Tracker,
@@ -800,15 +734,14 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     nsize: usize,
     caller: usize,
 ) -> *mut c_void {
+    debug_assert!(ptr::eq(ud.cast_const().cast(), tracker));
     // lauxlib's string buffers: not Lua's memory (see `crate::auxbuf`).
     #[cfg(aux_buffers)]
     if (block.is_null() && osize == 0 && tracker.aux.is_buffer_site(caller, nsize))
         || tracker.aux.is_live_buffer(block)
     {
         // SAFETY: forwarded contract.
-        return unsafe {
-            crate::auxbuf::serve_buffer::<MIMALLOC>(tracker, ud, block, osize, nsize)
-        };
+        return unsafe { crate::auxbuf::serve_buffer::<MIMALLOC>(tracker, block, osize, nsize) };
     }
     #[cfg(not(aux_buffers))]
     let _ = caller;
@@ -856,254 +789,16 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     }
     if arena::contains(block) {
         // SAFETY: forwarded contract; blocks in the arenas' range are arena blocks.
-        return unsafe { arena_block::<MIMALLOC>(tracker, scope, charge, ud, block, osize, nsize) };
+        return unsafe { arena_block::<MIMALLOC>(tracker, scope, charge, block, osize, nsize) };
     }
     // SAFETY: forwarded contract.
     let result = unsafe { serve::<MIMALLOC>(tracker, block, osize, nsize) };
     if nsize == 0 {
         tracker.on_free(scope, osize);
         tracker.ledger_freed(block);
-        // SAFETY: `tracker` is not used after this.
-        unsafe { after_free(tracker, ud) };
     } else if !result.is_null() {
         tracker.on_realloc(scope, osize, nsize);
         tracker.ledger_resized(charge, block, result, osize, nsize);
     }
     result
-}
-
-/// Defines an exported `lua_Alloc` named `$name` that calls `$body` with one more argument: the
-/// address its caller returns to (`crate::auxbuf` tells lauxlib's string buffers by it). Where
-/// that is wanted (5.3+, whose lauxlib allocates through `lua_getallocf`) and the target is
-/// x86-64 or AArch64, the entry is two instructions that pass the return address and jump;
-/// elsewhere it is a plain function that passes 0.
-///
-/// Every entry is exported under a fixed name and never inlined, so that it has one address: the
-/// hook is recognised by its address (see [`hook_kind`]).
-macro_rules! alloc_entry {
-    ($(#[$doc:meta])* $name:ident => $body:ident) => {
-        $(#[$doc])*
-        ///
-        /// # Safety
-        /// See [`hook`].
-        #[cfg(all(aux_buffers, target_arch = "x86_64"))]
-        #[unsafe(naked)]
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(
-            ud: *mut c_void,
-            block: *mut c_void,
-            osize: usize,
-            nsize: usize,
-        ) -> *mut c_void {
-            core::arch::naked_asm!("mov r8, qword ptr [rsp]", "jmp {body}", body = sym $body)
-        }
-
-        $(#[$doc])*
-        ///
-        /// # Safety
-        /// See [`hook`].
-        #[cfg(all(aux_buffers, target_arch = "aarch64"))]
-        #[unsafe(naked)]
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(
-            ud: *mut c_void,
-            block: *mut c_void,
-            osize: usize,
-            nsize: usize,
-        ) -> *mut c_void {
-            core::arch::naked_asm!("mov x4, x30", "b {body}", body = sym $body)
-        }
-
-        $(#[$doc])*
-        ///
-        /// # Safety
-        /// See [`hook`].
-        #[cfg(not(all(aux_buffers, any(target_arch = "x86_64", target_arch = "aarch64"))))]
-        #[no_mangle]
-        #[inline(never)]
-        pub unsafe extern "C" fn $name(
-            ud: *mut c_void,
-            block: *mut c_void,
-            osize: usize,
-            nsize: usize,
-        ) -> *mut c_void {
-            // SAFETY: forwarded contract.
-            unsafe { $body(ud, block, osize, nsize, 0) }
-        }
-    };
-}
-
-alloc_entry! {
-    /// The allocation hook that forwards every call to the host allocator ([`Serve::Host`]).
-    lunet_mem_alloc_host => host_body
-}
-alloc_entry! {
-    /// The allocation hook that serves new blocks from mimalloc ([`Serve::Mimalloc`]).
-    lunet_mem_alloc_mimalloc => mimalloc_body
-}
-alloc_entry! {
-    /// The hook that forwards every call to the host allocator and records allocation sites
-    /// (installed by `mem.trace.start`, see `crate::trace`).
-    lunet_mem_alloc_host_traced => host_traced_body
-}
-alloc_entry! {
-    /// The hook that serves new blocks from mimalloc and records allocation sites.
-    lunet_mem_alloc_mimalloc_traced => mimalloc_traced_body
-}
-
-/// The hooks' bodies: `caller` is the address the allocator's caller returns to, or 0.
-///
-/// # Safety
-/// See [`hook`].
-unsafe extern "C" fn host_body(
-    ud: *mut c_void,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-    caller: usize,
-) -> *mut c_void {
-    // SAFETY: forwarded contract.
-    unsafe { hook::<false>(ud, block, osize, nsize, caller) }
-}
-
-/// # Safety
-/// See [`hook`].
-unsafe extern "C" fn mimalloc_body(
-    ud: *mut c_void,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-    caller: usize,
-) -> *mut c_void {
-    // SAFETY: forwarded contract.
-    unsafe { hook::<true>(ud, block, osize, nsize, caller) }
-}
-
-/// # Safety
-/// See [`hook`].
-unsafe extern "C" fn host_traced_body(
-    ud: *mut c_void,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-    caller: usize,
-) -> *mut c_void {
-    // SAFETY: forwarded contract; `ud` is a live Tracker.
-    unsafe {
-        crate::trace::traced::<false>(&*(ud as *const Tracker), ud, block, osize, nsize, caller)
-    }
-}
-
-/// # Safety
-/// See [`hook`].
-unsafe extern "C" fn mimalloc_traced_body(
-    ud: *mut c_void,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-    caller: usize,
-) -> *mut c_void {
-    // SAFETY: forwarded contract; `ud` is a live Tracker.
-    unsafe {
-        crate::trace::traced::<true>(&*(ud as *const Tracker), ud, block, osize, nsize, caller)
-    }
-}
-
-/// The hook for `serve`.
-pub fn hook_for(serve: Serve) -> LuaAlloc {
-    hook_with(serve, false)
-}
-
-/// The hook for `serve`, recording allocation sites if `traced`.
-pub fn hook_with(serve: Serve, traced: bool) -> LuaAlloc {
-    match (serve, traced) {
-        (Serve::Host, false) => lunet_mem_alloc_host,
-        (Serve::Mimalloc, false) => lunet_mem_alloc_mimalloc,
-        (Serve::Host, true) => lunet_mem_alloc_host_traced,
-        (Serve::Mimalloc, true) => lunet_mem_alloc_mimalloc_traced,
-    }
-}
-
-/// Which hook `f` is, if it is one of this library's (so that its `ud` is a `Tracker`), traced
-/// or not.
-pub fn hook_kind(f: LuaAlloc) -> Option<Serve> {
-    let is = |g: LuaAlloc| std::ptr::fn_addr_eq(f, g);
-    if is(lunet_mem_alloc_host) || is(lunet_mem_alloc_host_traced) {
-        Some(Serve::Host)
-    } else if is(lunet_mem_alloc_mimalloc) || is(lunet_mem_alloc_mimalloc_traced) {
-        Some(Serve::Mimalloc)
-    } else {
-        None
-    }
-}
-
-/// Installs the traced or untraced hook on `L`, keeping its tracker, if ours is installed.
-///
-/// # Safety
-/// `L` is a valid state.
-pub unsafe fn set_traced(L: *mut lua_State, traced: bool) {
-    let mut ud = ptr::null_mut();
-    // SAFETY: valid state; only our own hook is swapped for its twin with the same `ud`.
-    unsafe {
-        if let Some(serve) = hook_kind(ffi::lua_getallocf(L, &mut ud)) {
-            ffi::lua_setallocf(L, hook_with(serve, traced), ud);
-        }
-    }
-}
-
-/// Whether `f` is one of this library's hooks.
-pub fn is_tracking_alloc(f: LuaAlloc) -> bool {
-    hook_kind(f).is_some()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    unsafe extern "C" fn libc_alloc(
-        _: *mut c_void,
-        p: *mut c_void,
-        _: usize,
-        n: usize,
-    ) -> *mut c_void {
-        // SAFETY: plain libc realloc/free contract.
-        unsafe {
-            if n == 0 {
-                libc_free(p);
-                ptr::null_mut()
-            } else {
-                libc_realloc(p, n)
-            }
-        }
-    }
-    extern "C" {
-        #[link_name = "realloc"]
-        fn libc_realloc(p: *mut c_void, n: usize) -> *mut c_void;
-        #[link_name = "free"]
-        fn libc_free(p: *mut c_void);
-    }
-
-    #[test]
-    fn counts_follow_the_lua_alloc_contract() {
-        let t = Box::new(Tracker::new(libc_alloc, ptr::null_mut(), 1000));
-        // (a baseline above 0: the tracker frees itself when live bytes reach 0)
-        let ud = &*t as *const Tracker as *mut c_void;
-        // SAFETY: `ud` is a live tracker; calls follow the lua_Alloc contract.
-        unsafe {
-            let a = lunet_mem_alloc_host(ud, ptr::null_mut(), 5, 100);
-            assert_eq!(t.live_bytes.get(), 1100);
-            let a = lunet_mem_alloc_host(ud, a, 100, 300);
-            assert_eq!(t.live_bytes.get(), 1300);
-            assert_eq!(t.peak_bytes.get(), 1300);
-            let a = lunet_mem_alloc_host(ud, a, 300, 50);
-            assert_eq!(t.live_bytes.get(), 1050);
-            assert!(lunet_mem_alloc_host(ud, a, 50, 0).is_null());
-            // A NULL free is a no-op whatever `osize` says (it is a tag there).
-            assert!(lunet_mem_alloc_host(ud, ptr::null_mut(), 7, 0).is_null());
-        }
-        assert_eq!(t.live_bytes.get(), 1000);
-        assert_eq!(t.peak_bytes.get(), 1300);
-        assert_eq!((t.allocs.get(), t.frees.get(), t.reallocs.get()), (1, 1, 2));
-        assert_eq!(t.bytes_allocated.get() - t.bytes_freed.get(), 0);
-    }
 }

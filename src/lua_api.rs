@@ -307,7 +307,7 @@ impl Snapshot {
             arena_pool_bytes: t.arenas.pool_bytes.get(),
             arenas: t.arenas.count.get(),
             arenas_reclaimed: t.arenas.reclaimed.get(),
-            gc_cycles: t.arenas.gc_cycles.get(),
+            gc_cycles: t.gc_cycles.get(),
             #[cfg(aux_buffers)]
             buffer_bytes: t.aux.bytes.get(),
             #[cfg(aux_buffers)]
@@ -640,7 +640,7 @@ unsafe fn make_scope(
 ) -> Rc<Scope> {
     // SAFETY: forwarded contract.
     unsafe {
-        if !t.arenas.ticking.get() {
+        if !t.gc_ticking.get() {
             arm_gc_tick(L, t); // (its finalizer could not arm the next one: out of memory)
         }
         let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
@@ -1246,7 +1246,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         ffi::lua_setfield(L, -2, c"checkpoint_mt".as_ptr());
         udata::new_metatable::<Rc<Scope>>(L);
         ffi::lua_setfield(L, -2, c"scope_mt".as_ptr());
-        if !t.arenas.ticking.get() {
+        if !t.gc_ticking.get() {
             ffi::lua_createtable(L, 0, 1);
             ffi::lua_pushcfunction(L, l_gc_tick);
             ffi::lua_setfield(L, -2, c"__gc".as_ptr());
@@ -1418,7 +1418,7 @@ unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
         }
         ffi::lua_pop(L, 1);
         t.exempt.set(was);
-        t.arenas.ticking.set(armed);
+        t.gc_ticking.set(armed);
     }
 }
 
@@ -1431,10 +1431,10 @@ unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
             return 0;
         }
         if let Some(t) = state::tracker(L) {
-            t.arenas.gc_cycles.set(t.arenas.gc_cycles.get() + 1);
+            t.gc_cycles.set(t.gc_cycles.get() + 1);
             // Not armed until the new counter exists: if making it fails (out of memory), the
             // next scope opened arms one.
-            t.arenas.ticking.set(false);
+            t.gc_ticking.set(false);
             if t.closing.get().is_null() {
                 ffi::luaL_checkstack(L, 2, ptr::null());
                 // (The new counter is nobody's: not counted for, nor placed in the arena of,

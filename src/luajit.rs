@@ -48,6 +48,7 @@ const G_CUR_L: [usize; 2] = [368, 376];
 pub const VMST_INTERP: i32 = !0;
 pub const VMST_C: i32 = !1;
 pub const VMST_GC: i32 = !2;
+#[allow(dead_code)] // (the whole list, as in lj_obj.h: no check needs this one)
 pub const VMST_EXIT: i32 = !3;
 pub const VMST_RECORD: i32 = !4;
 pub const VMST_OPT: i32 = !5;

@@ -8,7 +8,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::ptr;
 use std::rc::Rc;
 
-use crate::arena::{Arena, ArenaSet};
+use crate::arena::{Arena, ArenaSet, FreedFrom};
 use crate::ledger::Ledger;
 
 /// One scope and its counters (see the `scope:stats()` fields in the README).
@@ -108,9 +108,10 @@ impl Scope {
     ) -> Rc<Scope> {
         let scope = Rc::new(Scope::make(name, parent, arena, arenas, guard));
         if scope.owns_arena {
-            // SAFETY: the scope is a user of its arena. The pointer is cleared when the scope
-            // closes (`Arena::end`), which it does at the latest when it is dropped.
-            unsafe { (*scope.arena).owner.set(Rc::as_ptr(&scope)) };
+            // SAFETY: the scope is a user of its arena. The owner is cleared when the scope
+            // closes (`Arena::end`), which it does at the latest when it is dropped: a non-null
+            // owner is an open, live scope (what `arena_attribution` relies on).
+            unsafe { (*scope.arena).set_owner(Rc::as_ptr(&scope).cast()) };
         }
         scope
     }
@@ -340,6 +341,39 @@ impl Scope {
         }
     }
 
+    /// Where a free of an arena block gets counted: the scope the free of a block of `arena`
+    /// (whose owner is `owner`, see `Arena::owner`) counts for. The active scope if it places
+    /// its blocks in that arena (the arena's own scope or one opened inside it), else the scope
+    /// that made the arena while it is open (a collection step that runs during another request
+    /// frees this request's garbage), else none. A resize counts as its free would.
+    ///
+    /// # Safety
+    /// `active` is null or a live scope; `owner` is the arena's owner as read while the arena
+    /// was live (null or its open scope).
+    #[inline(always)]
+    pub unsafe fn arena_attribution(
+        active: *const Scope,
+        arena: *const Arena,
+        owner: *const (),
+    ) -> *const Scope {
+        // SAFETY: the caller's contract.
+        if !active.is_null() && ptr::eq(unsafe { (*active).arena() }, arena) {
+            active
+        } else {
+            owner.cast()
+        }
+    }
+
+    /// [`Scope::arena_attribution`] of a free, from what the arena read before counting it.
+    ///
+    /// # Safety
+    /// `active` is null or a live scope; `from` was returned by `ArenaSet::free` just now.
+    #[inline(always)]
+    pub unsafe fn arena_free_attribution(active: *const Scope, from: FreedFrom) -> *const Scope {
+        // SAFETY: forwarded contract.
+        unsafe { Scope::arena_attribution(active, from.arena, from.owner) }
+    }
+
     /// Walks from `scope` to its open ancestors, applying `f` to each.
     ///
     /// # Safety
@@ -350,6 +384,10 @@ impl Scope {
             // SAFETY: the caller guarantees the first pointer; each next one is `parent_ptr`,
             // kept alive by `parent`.
             let s = unsafe { &*scope };
+            debug_assert!(ptr::eq(
+                s.parent_ptr,
+                s.parent.as_ref().map_or(ptr::null(), Rc::as_ptr)
+            ));
             if s.closed.get() {
                 break;
             }
@@ -422,8 +460,10 @@ pub struct ThreadScopes {
     pub stack: Vec<Rc<Scope>>,
     pub base: Option<Rc<Scope>>,
     /// LuaJIT's `mem.scope`: the scope made for a call, until it becomes active.
+    #[cfg_attr(not(feature = "luajit"), allow(dead_code))]
     pub pending: Option<Rc<Scope>>,
     /// LuaJIT's `mem.scope`: the scope that `fn`'s return closed, until its stats are read.
+    #[cfg_attr(not(feature = "luajit"), allow(dead_code))]
     pub closed: Option<Rc<Scope>>,
 }
 

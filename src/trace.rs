@@ -936,7 +936,7 @@ unsafe extern "C-unwind" fn l_start(L: *mut lua_State) -> c_int {
         let main = main_thread(L);
         t.trace.paused.set(false);
         t.trace.start(L, main, depth, sample);
-        crate::hook::set_traced(L, true);
+        crate::state::set_traced(L, true);
         ffi::lua_pushboolean(L, 1);
         1
     }
@@ -947,7 +947,7 @@ unsafe extern "C-unwind" fn l_stop(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         if let Some(t) = tracker_of(L) {
-            crate::hook::set_traced(L, false);
+            crate::state::set_traced(L, false);
             t.trace.stop();
         }
     }

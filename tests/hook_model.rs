@@ -12,9 +12,9 @@ use std::ffi::c_void;
 use std::ptr;
 use std::rc::Rc;
 
-use lunet_mem::arena::{self, Owner, MAX_BLOCK};
-use lunet_mem::hook::{hook_for, LuaAlloc, Serve, Tracker};
-use lunet_mem::scope::Scope;
+use lunet_mem::testing::{
+    arena_owner, hook_for, LuaAlloc, Owner, Scope, Serve, Tracker, MAX_BLOCK,
+};
 use proptest::prelude::*;
 
 /// A host allocator (libc) that fails the calls it is told to fail.
@@ -130,7 +130,7 @@ fn check(p: *mut c_void, size: usize, fill: u8) {
         "block {p:?} of {size} bytes was overwritten"
     );
     // SAFETY: a live block.
-    if let Owner::Reclaimed = unsafe { arena::owner(p) } {
+    if let Owner::Reclaimed = unsafe { arena_owner(p) } {
         panic!("live block {p:?} is in reclaimed arena memory");
     }
 }
@@ -161,7 +161,7 @@ fn free_attribution(
 /// The name of the arena that holds `p`, if any.
 fn arena_name(p: *mut c_void) -> Option<String> {
     // SAFETY: a live block.
-    match unsafe { arena::owner(p) } {
+    match unsafe { arena_owner(p) } {
         Owner::Arena(a) => Some(a.name.to_string()),
         _ => None,
     }

@@ -176,7 +176,7 @@ fn loading_twice_wraps_the_allocator_once() {
     lua.load("m1 = require 'lunet.mem'").exec().unwrap();
     let first = allocator(&lua);
     assert_ne!(first, host);
-    let hook = lunet_mem::hook::hook_for(lunet_mem::state::default_serve());
+    let hook = lunet_mem::testing::hook_for(lunet_mem::testing::default_serve());
     assert_eq!(first.0, hook as *const () as usize);
     lua.load(
         r#"
@@ -355,14 +355,14 @@ fn lunet_mem_resume_keeps_scopes_right_for_c_resumers() {
             ffi::lua_getglobal(L, c"co".as_ptr());
             let co = ffi::lua_tothread(L, -1);
             let mut nres: c_int = 0;
-            let first = lunet_mem::coroutine::lunet_mem_resume(L, co, 0, &mut nres);
+            let first = lunet_mem::lunet_mem_resume(L, co, 0, &mut nres);
             ffi::lua_pop(co, nres);
             // Between the resumes, the resumer has no scope and its allocations are its own.
             run(
                 L,
                 "assert(mem.current() == nil) for i = 1, 100 do local _ = { i } end",
             );
-            let second = lunet_mem::coroutine::lunet_mem_resume(L, co, 0, &mut nres);
+            let second = lunet_mem::lunet_mem_resume(L, co, 0, &mut nres);
             let allocs = ffi::lua_tointeger(co, -1);
             let ok = (20..60).contains(&allocs);
             outcome.set((first, second, ok));
