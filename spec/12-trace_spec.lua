@@ -66,7 +66,7 @@ describe("mem.trace", function()
     local cl = find(top, SRC .. ":" .. CLOSURE_LINE)
     assert.is_not_nil(cl)
     -- A closure and its upvalue per iteration (5.1 gives a closure the line of the previous
-    -- call or concatenation: see src/trace.rs).
+    -- call or concatenation: see src/trace/mod.rs).
     if helpers.version ~= "lua51" then
       assert.is_true(cl.blocks >= 200 and cl.blocks <= 202, tostring(cl.blocks))
     end
@@ -83,7 +83,7 @@ describe("mem.trace", function()
     settle()
     local snap = trace.snapshot()
     local funcs = snap:top(5, "function")
-    if helpers.version == "lua51" then -- (5.1 frames have no names: see src/trace.rs)
+    if helpers.version == "lua51" then -- (5.1 frames have no names: see src/trace/mod.rs)
       assert.matches("^function <.*12%-trace_spec.lua:%d+>$", funcs[1].site)
     else
       assert.matches("^leak_strings %(.*12%-trace_spec.lua:%d+%)$", funcs[1].site)

@@ -8,21 +8,18 @@
 mod arena;
 #[cfg(aux_buffers)]
 mod auxbuf;
+mod bindings;
 mod capi;
-mod coroutine;
 mod hook;
 mod ledger;
-mod lua_api;
 #[cfg(feature = "luajit")]
 mod luajit;
 mod scope;
 mod state;
-// (`DEFAULT_DEPTH` and `Recorder::live` are used by its tests only: for h8's split to settle)
-#[allow(dead_code)]
 mod trace;
 mod udata;
 
-pub use coroutine::lunet_mem_resume;
+pub use bindings::coroutines::lunet_mem_resume;
 
 /// What the Rust tests (`tests/*.rs`) drive without Lua: the hook with its tracker, scopes and
 /// arenas. Not an API for users (hidden from the docs; it may change with any release).
@@ -33,6 +30,10 @@ pub mod testing {
     pub use crate::scope::Scope;
     pub use crate::state::{default_serve, hook_for, Serve};
 }
+
+/// The coroutine wrappers and the C entries for runtimes that resume coroutines themselves
+/// (`lunet_mem_resume`, ...), under their former path.
+pub use bindings::coroutines as coroutine;
 
 use std::ffi::c_int;
 
@@ -102,7 +103,7 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
         if status != ffi::LUA_OK {
             ffi::lua_error(L);
         }
-        lua_api::push_core(L);
+        bindings::push_core(L);
         ffi::lua_call(L, 1, 1);
         // This copy of the library owns the state from now on (see `push_other_copy`).
         ffi::lua_createtable(L, 0, 2);

@@ -143,7 +143,7 @@ pub unsafe fn check<'a, T: Boxed>(L: *mut lua_State, n: c_int, fname: &CStr) -> 
     unsafe {
         match test::<T>(L, n) {
             Some(value) => value,
-            None => crate::lua_api::type_error(L, n, fname, T::NAME),
+            None => crate::bindings::type_error(L, n, fname, T::NAME),
         }
     }
 }

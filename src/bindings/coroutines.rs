@@ -31,8 +31,8 @@ use std::mem;
 
 use mlua::ffi::{self, lua_State};
 
+use super::{register, rethrow, thread_scopes};
 use crate::hook::Tracker;
-use crate::lua_api::thread_scopes;
 use crate::state;
 
 #[cfg(feature = "lua51")]
@@ -496,7 +496,7 @@ unsafe extern "C-unwind" fn co_wrap_aux(L: *mut lua_State) -> c_int {
         if ffi::lua_isstring(L, -1) != 0 {
             add_where(L);
         }
-        ffi::lua_error(L)
+        rethrow(L)
     }
 }
 
@@ -539,7 +539,7 @@ pub(crate) unsafe extern "C-unwind" fn co_yield(L: *mut lua_State) -> c_int {
             ffi::luaL_where(L, 1);
             ffi::lua_pushstring(L, c"attempt to yield across C-call boundary".as_ptr());
             ffi::lua_concat(L, 2);
-            ffi::lua_error(L);
+            rethrow(L);
         }
         #[cfg(any(feature = "lua51", feature = "luajit"))]
         return ffi::lua_yield(L, n);
@@ -744,7 +744,7 @@ unsafe extern "C-unwind" fn resume_via(L: *mut lua_State) -> c_int {
         restore_current_thread(L);
         ffi::lua_remove(L, 1);
         if status != ffi::LUA_OK {
-            ffi::lua_error(L);
+            rethrow(L);
         }
         ffi::lua_gettop(L)
     }
@@ -808,22 +808,21 @@ unsafe fn is_stock_cfunction(L: *mut lua_State, f: ffi::lua_CFunction) -> bool {
 ///
 /// # Safety
 /// `L` valid with 2 free slots, a table on top. May raise (memory).
-pub(crate) unsafe fn push_functions(L: *mut lua_State) {
+pub(super) unsafe fn open(L: *mut lua_State) {
     // SAFETY: valid state, table on top.
     unsafe {
-        let functions: &[(&std::ffi::CStr, ffi::lua_CFunction)] = &[
-            (c"co_resume", co_resume),
-            (c"co_wrap", co_wrap),
-            (c"co_yield", co_yield),
-            (c"co_resume_via", co_resume_via),
-            (c"is_stock", is_stock),
-            #[cfg(any(feature = "lua54", feature = "lua55"))]
-            (c"co_close", co_close),
-        ];
-        for &(name, f) in functions {
-            ffi::lua_pushcfunction(L, f);
-            ffi::lua_setfield(L, -2, name.as_ptr());
-        }
+        register(
+            L,
+            &[
+                (c"co_resume", co_resume),
+                (c"co_wrap", co_wrap),
+                (c"co_yield", co_yield),
+                (c"co_resume_via", co_resume_via),
+                (c"is_stock", is_stock),
+                #[cfg(any(feature = "lua54", feature = "lua55"))]
+                (c"co_close", co_close),
+            ],
+        );
     }
 }
 

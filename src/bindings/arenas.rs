@@ -1,0 +1,197 @@
+//! Arenas: `core.arenas()`, `mem.arena_of(v)`, and the GC cycle counter arenas measure their
+//! age with.
+
+use std::ffi::{c_int, CStr};
+use std::ptr;
+use std::rc::Rc;
+
+use mlua::ffi::{self, lua_State};
+
+use super::errors::{check_tracker, no_arguments, push_owned, raise};
+use super::{push_str, register, set_int};
+use crate::arena;
+use crate::hook::Tracker;
+use crate::state;
+
+/// Adds `arenas` and `arena_of` to the `core` table on top.
+///
+/// # Safety
+/// `L` valid with 2 free slots, the core table on top. May raise (memory).
+pub(super) unsafe fn open(L: *mut lua_State) {
+    // SAFETY: forwarded contract.
+    unsafe { register(L, &[(c"arenas", l_arenas), (c"arena_of", l_arena_of)]) }
+}
+
+/// Registers the GC cycle counter's metatable and arms the first counter, unless one runs.
+///
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory).
+pub(super) unsafe fn start_gc_ticks(L: *mut lua_State, t: &Tracker) {
+    // SAFETY: valid state.
+    unsafe {
+        if !t.gc_ticking.get() {
+            ffi::lua_createtable(L, 0, 1);
+            ffi::lua_pushcfunction(L, l_gc_tick);
+            ffi::lua_setfield(L, -2, c"__gc".as_ptr());
+            ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
+            arm_gc_tick(L, t);
+        }
+    }
+}
+
+/// `core.arenas()`: an array of the arenas not reclaimed, newest first, each a table with
+/// `name`, `live_bytes`, `live_blocks`, `live_objects`, `blocks`, `reserved_bytes`, `running`
+/// (its scope has not ended), `age` (GC cycles since the scope ended, 0 while it runs) and
+/// `pinned` (age >= 2 and objects live: a whole cycle began and ended after the scope did, and
+/// objects the scope made are still alive).
+unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua. The list is copied first: building the tables may run the
+    // collector, which frees blocks and reclaims arenas. The tables are built in protected mode
+    // and a memory error is raised once the copy is dropped.
+    unsafe {
+        let t = check_tracker(L);
+        no_arguments(L, c"arenas");
+        let list = t.arenas.list();
+        push_owned(L, list, |list| push_arena_list(L, list));
+    }
+    1
+}
+
+/// Pushes the array of tables `l_arenas` returns.
+///
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory).
+unsafe fn push_arena_list(L: *mut lua_State, list: &[arena::ArenaInfo]) {
+    // SAFETY: valid state.
+    unsafe {
+        ffi::lua_createtable(L, list.len().min(1 << 20) as c_int, 0);
+        for (i, a) in list.iter().enumerate() {
+            ffi::lua_createtable(L, 0, 9);
+            push_str(L, &a.name);
+            ffi::lua_setfield(L, -2, c"name".as_ptr());
+            set_int(L, c"live_bytes", a.live_bytes as i64);
+            set_int(L, c"live_blocks", a.live_blocks as i64);
+            set_int(L, c"live_objects", a.live_objects as i64);
+            set_int(L, c"blocks", a.blocks as i64);
+            set_int(L, c"reserved_bytes", a.reserved_bytes as i64);
+            set_int(L, c"age", a.age.unwrap_or(0) as i64);
+            ffi::lua_pushboolean(L, a.age.is_none() as c_int);
+            ffi::lua_setfield(L, -2, c"running".as_ptr());
+            let pinned = a.age.is_some_and(|age| age >= 2) && a.live_objects > 0;
+            ffi::lua_pushboolean(L, pinned as c_int);
+            ffi::lua_setfield(L, -2, c"pinned".as_ptr());
+            ffi::lua_rawseti(L, -2, (i + 1) as _);
+        }
+    }
+}
+
+/// `mem.arena_of(v)`: the name of the arena that holds the object `v` (a table, function,
+/// thread or full userdata; a string on Lua 5.4 and LuaJIT, where `lua_topointer` sees strings),
+/// or nil. Raises if the object is in reclaimed arena memory, which the arenas never allow: a
+/// check for the tests, and for users who doubt.
+unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; only blocks of live objects are looked at (light userdata, which
+    // can point anywhere, are not).
+    unsafe {
+        check_tracker(L);
+        if ffi::lua_type(L, 1) == ffi::LUA_TNONE {
+            raise(L, c"bad argument #1 to 'arena_of' (value expected)");
+        }
+        let p = match ffi::lua_type(L, 1) {
+            ffi::LUA_TTABLE | ffi::LUA_TFUNCTION | ffi::LUA_TTHREAD | ffi::LUA_TSTRING => {
+                ffi::lua_topointer(L, 1) as *const u8
+            }
+            // A full userdata's pointer is its payload, after the header in the same block: for
+            // an empty payload that is the block's end, possibly the next chunk's start. The
+            // header's last byte is always in the block.
+            ffi::LUA_TUSERDATA => (ffi::lua_topointer(L, 1) as *const u8).wrapping_sub(1),
+            _ => ptr::null(),
+        };
+        if p.is_null() {
+            ffi::lua_pushnil(L);
+            return 1;
+        }
+        match arena::owner(p.cast()) {
+            arena::Owner::Elsewhere => ffi::lua_pushnil(L),
+            arena::Owner::Arena(a) => {
+                // (the name is held while the string is made, which may run the collector and
+                // reclaim the arena; a memory error is raised once it is dropped)
+                push_owned(L, a.name.clone(), |name: &Rc<str>| push_str(L, name));
+            }
+            arena::Owner::Reclaimed => raise(
+                L,
+                c"lunet.mem: a live object is in reclaimed arena memory (a bug: please report it)",
+            ),
+        }
+    }
+    1
+}
+
+/// Registry key of the metatable of the GC cycle counter.
+const GC_TICK_MT: &CStr = c"lunet.mem.gc_tick";
+
+/// Makes a new unreachable userdata whose finalizer is [`l_gc_tick`].
+///
+/// # Safety
+/// `L` valid with 2 free slots, the metatable registered. May raise (memory).
+pub(super) unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
+    // SAFETY: valid state; the metatable's type is checked (the registry is reachable from Lua).
+    unsafe {
+        let was = t.exempt.replace(true); // (the module's bookkeeping)
+        ffi::lua_newuserdata(L, 0);
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
+        let armed = ffi::lua_type(L, -1) == ffi::LUA_TTABLE;
+        if armed {
+            ffi::lua_setmetatable(L, -2);
+        } else {
+            ffi::lua_pop(L, 1);
+        }
+        ffi::lua_pop(L, 1);
+        t.exempt.set(was);
+        t.gc_ticking.set(armed);
+    }
+}
+
+/// Finalizer of the GC cycle counter: a cycle ended (the counter was unreachable in it); counts
+/// it and arms a new counter for the next cycle. Arenas measure their age with it.
+unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua as a finalizer (or by hand: then only for a counter).
+    unsafe {
+        if !is_gc_tick(L) {
+            return 0;
+        }
+        if let Some(t) = state::tracker(L) {
+            t.gc_cycles.set(t.gc_cycles.get() + 1);
+            // Not armed until the new counter exists: if making it fails (out of memory), the
+            // next scope opened arms one.
+            t.gc_ticking.set(false);
+            if t.closing.get().is_null() {
+                ffi::luaL_checkstack(L, 2, ptr::null());
+                // (The new counter is nobody's: not counted for, nor placed in the arena of,
+                // the scope that happens to be active during the collection.)
+                arm_gc_tick(L, t);
+            }
+        }
+    }
+    0
+}
+
+/// Whether argument 1 is a GC cycle counter (a zero-size userdata with its metatable).
+///
+/// # Safety
+/// `L` valid with 2 free slots.
+unsafe fn is_gc_tick(L: *mut lua_State) -> bool {
+    // SAFETY: valid state.
+    unsafe {
+        if ffi::lua_type(L, 1) != ffi::LUA_TUSERDATA
+            || ffi::lua_rawlen(L, 1) != 0
+            || ffi::lua_getmetatable(L, 1) == 0
+        {
+            return false;
+        }
+        ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
+        let same = ffi::lua_rawequal(L, -1, -2) != 0;
+        ffi::lua_pop(L, 2);
+        same
+    }
+}
