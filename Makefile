@@ -46,7 +46,7 @@ fmt:
 lint:
 	for f in $(FEATURES); do cargo clippy --locked --no-default-features --features "$$f,module" \
 	  --target-dir "target/clippy-$$f" -- -D warnings || exit 1; done
-	luacheck --no-color src/lua lua spec examples bench tests
+	luacheck --no-color lua spec examples bench tests
 
 rust-test:
 	cargo test --locked --workspace

@@ -24,6 +24,8 @@ build = {
       lib = {
          ["lunet.mem"] = "target/rock/mem.so",
       },
+      -- The helpers, compiled into the library too (offered in package.preload, behind these
+      -- files). Not lua/lunet/mem.lua: the library is `lunet.mem` and carries its own copy.
       lua = {
          ["lunet.mem.busted"] = "lua/lunet/mem/busted.lua",
          ["lunet.mem.holders"] = "lua/lunet/mem/holders.lua",

@@ -65,7 +65,7 @@ check "cargo clippy (lua54,vendored, tests)" cargo clippy --locked --no-default-
   --features lua54,vendored --all-targets --target-dir target/vendored-lua54 -- -D warnings
 check "cargo clippy (lunet-mem-c, tests)" cargo clippy --locked -p lunet-mem-c --all-targets \
   --target-dir target/c-crate -- -D warnings
-check "luacheck" luacheck --no-color src/lua lua spec examples bench tests
+check "luacheck" luacheck --no-color lua spec examples bench tests
 
 echo "== rust tests (mlua's vendored Lua), with each allocator"
 for f in lua54 luajit; do

@@ -64,7 +64,50 @@ static CONFIGURE_MIMALLOC: extern "C" fn() = {
 
 /// The Lua half of the module (argument checking, neutrality checks, coroutine wrappers),
 /// compiled into the library so that `require "lunet.mem"` needs nothing else.
-const LUA_LAYER: &str = include_str!("lua/mem.lua");
+const LUA_LAYER: &str = include_str!("../lua/lunet/mem.lua");
+
+/// The module's Lua helpers, compiled in too: the Lua half offers them in `package.preload`
+/// (`core.embedded`), so that a host with no Lua files on disk (a C program that calls
+/// `lunet_mem_install`) still gets holder paths in its leak reports (`lunet.mem.holders`).
+const HELPERS: [(&str, &std::ffi::CStr, &str); 3] = [
+    (
+        "lunet.mem.holders",
+        c"=lunet.mem.holders",
+        include_str!("../lua/lunet/mem/holders.lua"),
+    ),
+    (
+        "lunet.mem.busted",
+        c"=lunet.mem.busted",
+        include_str!("../lua/lunet/mem/busted.lua"),
+    ),
+    (
+        "lunet.mem.run",
+        c"=lunet.mem.run",
+        include_str!("../lua/lunet/mem/run.lua"),
+    ),
+];
+
+/// `core.embedded(name)`: the compiled chunk of the helper module `name`, or nil if the library
+/// has none of that name.
+unsafe extern "C-unwind" fn l_embedded(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; the name is only compared; a chunk that fails to load (memory)
+    // raises with no Rust value alive.
+    unsafe {
+        let mut len = 0usize;
+        let p = ffi::luaL_checklstring(L, 1, &mut len);
+        let name = std::slice::from_raw_parts(p.cast::<u8>(), len);
+        let Some(&(_, chunkname, source)) = HELPERS.iter().find(|h| h.0.as_bytes() == name) else {
+            ffi::lua_pushnil(L);
+            return 1;
+        };
+        if ffi::luaL_loadbuffer(L, source.as_ptr().cast(), source.len(), chunkname.as_ptr())
+            != ffi::LUA_OK
+        {
+            ffi::lua_error(L);
+        }
+    }
+    1
+}
 
 /// Opens the module in `L`: installs the tracker on the state (once) and returns the
 /// `lunet.mem` table. This is what `require "lunet.mem"` runs; a host that embeds Lua can also
@@ -104,6 +147,8 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
             ffi::lua_error(L);
         }
         bindings::push_core(L);
+        ffi::lua_pushcfunction(L, l_embedded);
+        ffi::lua_setfield(L, -2, c"embedded".as_ptr());
         ffi::lua_call(L, 1, 1);
         // This copy of the library owns the state from now on (see `push_other_copy`).
         ffi::lua_createtable(L, 0, 2);

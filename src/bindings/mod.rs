@@ -1,4 +1,4 @@
-//! The C functions behind the Lua API (`core` in `src/lua/mem.lua`).
+//! The C functions behind the Lua API (`core` in `lua/lunet/mem.lua`).
 //!
 //! They are raw `lua_CFunction`s rather than mlua callbacks because several of them must not
 //! allocate before they have read the counters (`stats`, `checkpoint`, `live`), and the
@@ -39,7 +39,7 @@ use errors::check_tracker;
 /// Registry key of the table of functions mem.lua replaced (`coroutine.resume`, ...).
 const SAVED_KEY: &CStr = c"lunet.mem.saved";
 
-/// Pushes the `core` table used by `src/lua/mem.lua`.
+/// Pushes the `core` table used by `lua/lunet/mem.lua`.
 ///
 /// # Safety
 /// `L` valid with 8 free slots and the tracker installed. May raise (memory).

@@ -1,5 +1,5 @@
 //! `mem.scope` on LuaJIT (and 5.2): Lua, so that `fn` can yield inside the scope, around four C
-//! functions (see src/lua/mem.lua):
+//! functions (see lua/lunet/mem.lua):
 //!
 //! ```lua
 //! local token = scope_prepare(name, arena, limit)    -- the scope, not active yet

@@ -1,4 +1,4 @@
-//! `core.trace_*`, wrapped by `mem.trace` in src/lua/mem.lua, which checks the arguments: the
+//! `core.trace_*`, wrapped by `mem.trace` in lua/lunet/mem.lua, which checks the arguments: the
 //! Lua side of `crate::trace`. None of these raises but for memory errors: failures return
 //! `nil, message`.
 

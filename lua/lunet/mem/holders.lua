@@ -53,7 +53,7 @@ local RUNNING_STACK = {}
 local OWN_SOURCE = getinfo(1, "S").source
 local function own_frame(info)
   local source = info.source
-  return source == OWN_SOURCE or source == "=lunet.mem"
+  return source == OWN_SOURCE or source == "=lunet.mem" or source == "=lunet.mem.busted"
     or (source:find("lunet[/\\.]mem[/\\.]busted%.lua$") ~= nil)
 end
 

@@ -1,7 +1,21 @@
 -- lunet.mem, the Lua half: argument checks, neutrality checks, scopes and the coroutine
 -- wrappers. Compiled into the library (src/lib.rs) and run once per load with the C functions
--- of src/lua_api.rs as `core`. Returns the module table.
+-- of src/bindings/ as `core`. Returns the module table.
 local core = ...
+
+-- This file found on package.path (a source tree on LUA_PATH, as the specs run): `require` got
+-- here before the library, which is the module; it is loaded from package.cpath and runs its
+-- own compiled copy of this file.
+if type(core) ~= "table" then
+  local name = type(core) == "string" and core or "lunet.mem"
+  local searchers = package.searchers or package.loaders
+  local loader = searchers[3](name)
+  if type(loader) ~= "function" then
+    error(("module '%s' not found beside %s:%s"):format(name, select(2, ...) or "this file",
+      tostring(loader)), 2)
+  end
+  return loader(name)
+end
 
 local collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget, select =
   collectgarbage, error, pcall, type, tostring, pairs, setmetatable, rawget, select
@@ -309,7 +323,7 @@ local DEFAULT_WARMUP, DEFAULT_RUNS = 2, 5
 -- lunet.mem.holders (loaded only then, and optional) and returns its lines, what that run left
 -- alive and what holds it, each line after a newline. The verdict is made before, so the walks
 -- (which allocate) cannot change it.
--- That run is traced (src/trace.rs; the JIT is off here already): the report names the line
+-- That run is traced (src/trace/; the JIT is off here already): the report names the line
 -- that allocated each object where the tracer saw it.
 local function who_holds(fn)
   local found, holders = pcall(require, "lunet.mem.holders")
@@ -455,9 +469,10 @@ local function default_name(fn)
   return names[fn] or exempt_call(remember_name, fn)
 end
 
--- Checks the arguments of mem.scope's general forms and returns `name, on_exit, arena, limit,
--- index of fn`. (On PUC Lua but 5.2, mem.scope is C, src/lua_api.rs `l_scope`, which calls this
--- for the forms it does not recognize at sight.)
+-- The one check of mem.scope's arguments: returns `name, on_exit, arena, limit, index of fn`.
+-- (On PUC Lua but 5.2, mem.scope is C, src/bindings/scope_c.rs `l_scope`, which calls this for
+-- every form but `(name, fn)`, a function whose default name is known, and an options table
+-- whose every field is valid at sight; that fast path never raises: anything else comes here.)
 local function prepare(a, b)
   local ta = type(a)
   if ta == "string" then
@@ -509,7 +524,7 @@ if core.make_scope then
 else
   -- LuaJIT (and 5.2): Lua, so that `fn` can yield inside the scope (LuaJIT yields across its
   -- own `pcall`, not across a C function). The scope is active only inside the protected call
-  -- (src/lua_api.rs, "mem.scope on LuaJIT").
+  -- (src/bindings/scope_lua.rs).
   local scope_prepare, scope_activate = core.scope_prepare, core.scope_activate
   local scope_close_ok, scope_finish = core.scope_close_ok, core.scope_finish
 
@@ -529,10 +544,6 @@ else
   end
 
   function M.scope(a, ...)
-    if type(a) == "function" then
-      local token = scope_prepare(default_name(a))
-      return scope_finish(token, nil, pcall(run, token, a, ...))
-    end
     local name, on_exit, arena, limit, at = prepare(a, (...))
     if at == 1 then return scope_with(name, on_exit, arena, limit, a, ...) end
     return scope_with(name, on_exit, arena, limit, ...)
@@ -565,7 +576,7 @@ scope_mt.__tostring = function(scope)
 end
 
 -- Coroutines: the active scope follows resume, wrap, yield and close ------------------------
--- (src/coroutine.rs: C functions that do what the stock ones do, plus the switches). The
+-- (src/bindings/coroutines.rs: C functions that do what the stock ones do, plus the switches). The
 -- originals are kept in `saved`, so that a second load wraps nothing twice.
 
 -- A function that is not the stock one was put there by a library loaded before (an
@@ -597,7 +608,32 @@ if not saved.resume and type(rawget(_G, "coroutine")) == "table" then
   end
 end
 
--- Allocation tracing (mem.trace; src/trace.rs) -------------------------------------------------
+-- Helpers: lunet.mem.holders, .busted, .run (lua/lunet/mem/) ----------------------------------
+-- Compiled into the library too (src/lib.rs, `core.embedded`) and offered in package.preload, so
+-- that a host with no Lua files of the module (a C program that calls lunet_mem_install) gets
+-- holder paths in its leak reports. A copy on package.path is loaded first: the rock installs
+-- the same files, and an edited tree (LUA_PATH) must not be shadowed by the compiled one.
+local package = rawget(_G, "package")
+if type(package) == "table" and type(package.preload) == "table" then
+  local embedded = core.embedded
+  local function from_path_or_embedded(name, ...)
+    local searchers = package.searchers or package.loaders
+    local search = type(searchers) == "table" and searchers[2]
+    if type(search) == "function" then
+      local loader, where = search(name)
+      if type(loader) == "function" then return loader(name, where) end
+    end
+    local chunk = embedded(name)
+    if chunk == nil then error(("module '%s' is not compiled into lunet.mem"):format(name), 2) end
+    return chunk(name, ...)
+  end
+  local preload = package.preload
+  for _, name in ipairs { "lunet.mem.holders", "lunet.mem.busted", "lunet.mem.run" } do
+    if rawget(preload, name) == nil then preload[name] = from_path_or_embedded end
+  end
+end
+
+-- Allocation tracing (mem.trace; src/trace/) ----------------------------------------------------
 
 do
   local TRACE_OPTS = { sample_bytes = true, depth = true }
