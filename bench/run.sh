@@ -3,14 +3,14 @@
 #   bash bench/run.sh [rounds]              the workloads, bare and in each mode (bench/run.lua)
 #   bash bench/run.sh trace [rounds]        tracing overhead (bench/trace.lua)
 #   bash bench/run.sh soak [requests]       memory over 10^6 arena-scoped requests (bench/soak.lua)
-# Each Lua driver prints a header line and then one block per interpreter; the header is
-# printed once.
+# The drivers print their header (two lines for run.lua, one for trace.lua) and a block per
+# interpreter; the header is printed once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  trace) script=bench/trace.lua; args=("${2:-7}") ;;
-  soak) script=bench/soak.lua; args=("${2:-1000000}") ;;
-  *) script=bench/run.lua; args=("${1:-11}") ;;
+  trace) script=bench/trace.lua; args=("${2:-7}"); header=1 ;;
+  soak) script=bench/soak.lua; args=("${2:-1000000}"); header=0 ;;
+  *) script=bench/run.lua; args=("${1:-11}"); header=2 ;;
 esac
 first=1
 for lua in luajit lua5.1 lua5.3 lua5.4; do
@@ -18,7 +18,7 @@ for lua in luajit lua5.1 lua5.3 lua5.4; do
   if [ "$script" = bench/soak.lua ]; then
     (eval "$env_line"; "$lua" "$script" "${args[@]}")
   else
-    (eval "$env_line"; "$lua" "$script" "$lua" "${args[@]}") | { [ $first = 1 ] && cat || tail -n +2; }
+    (eval "$env_line"; "$lua" "$script" "$lua" "${args[@]}") | { [ $first = 1 ] && cat || tail -n +$((header + 1)); }
   fi
   first=0
 done
