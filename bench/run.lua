@@ -3,18 +3,22 @@
 -- mode the ratio of its best time to the bare runs' best and of its median to their median,
 -- then the peak RSS of the request loops in each mode against the bare run's. `*` marks the
 -- default allocator. The request loops (handler, retain16, retain256) keep each response for
--- the next 1, 16 or 256 requests. The best of several runs is the estimate least disturbed by
--- a shared, noisy machine (the noise only ever adds time); the median shows how noisy it was.
+-- the next 1, 16 or 256 requests; luacheck (a real program: Debian's luacheck over this
+-- repository's Lua files, each file a request) runs traced too. The best of several runs is
+-- the estimate least disturbed by a shared, noisy machine (the noise only ever adds time); the
+-- median shows how noisy it was.
 -- Compare ratios, not seconds.
 --
 --   lua5.4 bench/run.lua [interpreter] [rounds]      (module found through LUA_CPATH)
 local interpreter = arg[1] or "lua5.4"
 local rounds = tonumber(arg[2] or "11")
 local sizes = { churn = 2000000, strings = 1000000, handler = 40000, retain16 = 40000,
-  retain256 = 40000 }
-local workloads = { "churn", "strings", "handler", "retain16", "retain256" }
+  retain256 = 40000, luacheck = 1 }
+local workloads = { "churn", "strings", "handler", "retain16", "retain256", "luacheck" }
 -- the request loops, run in every mode (scope and arena too), with their peak RSS
-local requests = { handler = true, retain16 = true, retain256 = true }
+local requests = { handler = true, retain16 = true, retain256 = true, luacheck = true }
+-- the real program is traced too (sampled and exact)
+local traced = { luacheck = true }
 
 -- Modes: the bare interpreter; the module with each allocator; a scope per request.
 local MODES = {
@@ -23,6 +27,8 @@ local MODES = {
   mimalloc = { "track", "LUNET_MEM_ALLOCATOR=mimalloc " },
   scope = { "scope", "" },
   arena = { "arena", "" },
+  sampled = { "trace-sampled", "" },
+  trace = { "trace", "" },
 }
 
 local function run(workload, name)
@@ -58,12 +64,17 @@ print(("%-8s %-9s %9s  %-13s %-13s %-13s %-13s"):format("", "", "best",
   "best  median", "best  median", "best  median", "best  median"))
 local rss_rows = {}
 for _, workload in ipairs(workloads) do
-  local times = { bare = {}, host = {}, mimalloc = {}, scope = {}, arena = {} }
+  local times = { bare = {}, host = {}, mimalloc = {}, scope = {}, arena = {}, sampled = {},
+    trace = {} }
   local rss = {}
   local modes = { "bare", "host", "mimalloc" }
   if requests[workload] then
     modes[#modes + 1] = "scope"
     modes[#modes + 1] = "arena"
+  end
+  if traced[workload] then
+    modes[#modes + 1] = "sampled"
+    modes[#modes + 1] = "trace"
   end
   for _ = 1, rounds do
     for _, name in ipairs(modes) do
@@ -84,6 +95,12 @@ for _, workload in ipairs(workloads) do
     end
   end
   print(("%-8s %-9s %9.3f  %s"):format(interpreter, workload, bare_best, table.concat(cells, " ")))
+  if traced[workload] then
+    print(("%-8s %-9s %9s  traced, sampled every 512 KiB: %5.3f %5.3f; exact: %5.3f %5.3f"):format(
+      interpreter, workload, "", best(times.sampled) / bare_best,
+      median(times.sampled) / bare_median, best(times.trace) / bare_best,
+      median(times.trace) / bare_median))
+  end
   if requests[workload] then
     rss_rows[#rss_rows + 1] = ("%-8s %-9s %6d KiB  %-13.3f %-13.3f %-13.3f %-13.3f"):format(
       interpreter, workload, rss.bare, rss.host / rss.bare, rss.mimalloc / rss.bare,

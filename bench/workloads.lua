@@ -1,14 +1,15 @@
 -- One benchmark run: lua bench/workloads.lua WORKLOAD MODE N
 --   WORKLOAD: churn | strings | handler | retain16 | retain256 (the handler's responses kept
---             for the next 16 or 256 requests)
+--             for the next 16 or 256 requests) | luacheck (Debian's luacheck, a real Lua
+--             program, checking this repository's Lua files N times, each file a request)
 --   MODE:     bare (no module) | track (module loaded) | scope (module, a scope per request)
---             | arena (module, an arena scope per request)
+--             | arena (module, an arena scope per request) | trace (module, mem.trace.start())
+--             | trace-sampled (mem.trace.start{sample_bytes = $LUNET_MEM_SAMPLE_BYTES or
+--             524288}) | interp (bare, LuaJIT's compiler off)
 --   (LUNET_MEM_ALLOCATOR=host|mimalloc in the environment picks where new blocks come from)
 -- Prints the CPU seconds the workload took (start-up and loading excluded) and the process's
 -- peak resident set in KiB (VmHWM).
 local workload, mode, n = arg[1], arg[2], tonumber(arg[3])
---             | trace (module, mem.trace.start()) | trace-sampled (mem.trace.start{sample_bytes =
---             $LUNET_MEM_SAMPLE_BYTES or 524288}) | interp (bare, LuaJIT's compiler off)
 local mem
 if mode ~= "bare" and mode ~= "interp" then mem = require "lunet.mem" end
 if mode == "interp" and rawget(_G, "jit") then jit.off() end
@@ -61,6 +62,41 @@ end
 function work.handler(iterations) return serve(iterations, 1) end
 function work.retain16(iterations) return serve(iterations, 16) end
 function work.retain256(iterations) return serve(iterations, 256) end
+
+-- luacheck over the repository's own Lua code (about 10,000 lines), one file per request.
+-- Debian installs luacheck for 5.1 only; it is plain Lua and runs on every version.
+if workload == "luacheck" then
+  package.path = "/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua;" .. package.path
+  local luacheck = require "luacheck"
+  local sources, names = {}, {}
+  local list = assert(io.popen("ls lua/lunet/*.lua lua/lunet/mem/*.lua spec/*.lua bench/*.lua " ..
+    "examples/*.lua tests/fuzz/*.lua tests/conformance/*.lua"))
+  for path in list:lines() do
+    local h = assert(io.open(path, "rb"))
+    sources[#sources + 1] = h:read("*a")
+    names[#names + 1] = path
+    h:close()
+  end
+  list:close()
+  local function check(src) return luacheck.check_strings({ src }) end
+  function work.luacheck(passes)
+    local warnings = 0
+    for _ = 1, passes do
+      for i, src in ipairs(sources) do
+        local report
+        if mode == "scope" then
+          report = mem.scope(names[i], check, src)
+        elseif mode == "arena" then
+          report = mem.scope({ name = names[i], arena = true }, check, src)
+        else
+          report = check(src)
+        end
+        warnings = warnings + report.warnings
+      end
+    end
+    return warnings
+  end
+end
 
 local f = assert(work[workload], "unknown workload")
 collectgarbage("collect")
