@@ -66,6 +66,7 @@ check "cargo clippy (lua54,vendored, tests)" cargo clippy --locked --no-default-
 check "cargo clippy (lunet-mem-c, tests)" cargo clippy --locked -p lunet-mem-c --all-targets \
   --target-dir target/c-crate -- -D warnings
 check "luacheck" luacheck --no-color lua spec examples bench tests
+check "module graph has no cycles" bash tests/module_graph.sh
 
 echo "== rust tests (mlua's vendored Lua), with each allocator"
 for f in lua54 luajit; do

@@ -80,6 +80,16 @@ describe("mem.scope()", function()
     assert.is_false(stats.closed)
   end)
 
+  it("names its byte counters as the state stats do, with the former names as aliases", function()
+    local stats = mem.scope(function()
+      local _ = { {}, string.rep("y", 100) }
+      return mem.current():stats()
+    end)
+    assert.is_true(type(stats.bytes_allocated) == "number" and type(stats.bytes_freed) == "number")
+    assert.are.same({ stats.bytes_allocated, stats.bytes_freed },
+      { stats.allocated_bytes, stats.freed_bytes })
+  end)
+
   it("tracks the peak of net_bytes", function()
     local s = mem.scope({ on_exit = function() end }, function()
       local big = { string.rep("x", 50000) }

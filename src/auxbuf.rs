@@ -10,16 +10,15 @@
 //! (`buffer_bytes`, `buffer_blocks`), outside scopes, budgets and arenas.
 //!
 //! They are told apart by who calls: the allocator's entry passes the address its caller returns
-//! to (`crate::hook`'s entries), and the places in lauxlib that make a box are learnt when the
-//! module is opened ([`calibrate`]: each lauxlib function that can make one is called once with a
-//! size nothing else asks for). A box's later resizes and its free are known by its address.
+//! to (the hook's entries, in `crate::state`), and the places in lauxlib that make a box are
+//! learnt when the module is opened ([`calibrate`]: each lauxlib function that can make one is
+//! called once with a size nothing else asks for). A box's later resizes and its free are known
+//! by its address. The hook serves a box's calls and reports them here ([`AuxBuffers::served`]).
 
 use std::cell::{Cell, UnsafeCell};
 use std::ffi::{c_char, c_int, c_void};
 
 use mlua::ffi::{self, lua_State};
-
-use crate::hook::Tracker;
 
 /// How many places in lauxlib that make a box are remembered.
 const SITES: usize = 6;
@@ -120,44 +119,33 @@ impl AuxBuffers {
     fn changed(&self) {
         self.live_count.set(self.list().len());
     }
-}
 
-/// Serves a call of the hook for a box: a new one, a resize or a free. Counted apart (see the
-/// module doc); the block comes from where `MIMALLOC` says, as any other.
-///
-/// # Safety
-/// The `lua_Alloc` contract; `t` is the live tracker; a non-null `block` is a live box.
-#[cold]
-#[inline(never)]
-pub unsafe fn serve_buffer<const MIMALLOC: bool>(
-    t: &Tracker,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-) -> *mut c_void {
-    let aux = &t.aux;
-    // SAFETY: forwarded contract.
-    let result = unsafe { crate::hook::serve::<MIMALLOC>(t, block, osize, nsize) };
-    if block.is_null() {
-        if !result.is_null() {
-            aux.list().push((result as usize, nsize));
-            aux.bytes.set(aux.bytes.get() + nsize as u64);
-            aux.changed();
+    /// Counts a call of the hook for a box once it is served (by `crate::hook`): a new box
+    /// (`block` null), a resize or a free of the live box `block`; `result` is what serving
+    /// returned.
+    #[inline]
+    pub fn served(&self, block: *mut c_void, result: *mut c_void, osize: usize, nsize: usize) {
+        if block.is_null() {
+            if !result.is_null() {
+                self.list().push((result as usize, nsize));
+                self.bytes.set(self.bytes.get() + nsize as u64);
+                self.changed();
+            }
+            return;
         }
-        return result;
+        let Some(i) = self.index_of(block as usize) else {
+            return; // (unreachable: the hook checked)
+        };
+        if nsize == 0 {
+            self.list().swap_remove(i);
+            self.bytes.set(self.bytes.get() - osize as u64);
+            self.changed();
+        } else if !result.is_null() {
+            self.list()[i] = (result as usize, nsize);
+            self.bytes
+                .set(self.bytes.get() + nsize as u64 - osize as u64);
+        }
     }
-    let Some(i) = aux.index_of(block as usize) else {
-        return result; // (unreachable: the caller checked)
-    };
-    if nsize == 0 {
-        aux.list().swap_remove(i);
-        aux.bytes.set(aux.bytes.get() - osize as u64);
-        aux.changed();
-    } else if !result.is_null() {
-        aux.list()[i] = (result as usize, nsize);
-        aux.bytes.set(aux.bytes.get() + nsize as u64 - osize as u64);
-    }
-    result
 }
 
 /// Lua 5.3+'s `luaL_Buffer`, with more room in `init` than any `LUAL_BUFFERSIZE` lauxlib was
@@ -186,8 +174,8 @@ extern "C-unwind" {
 /// places known). Called once per state, when the module is opened.
 ///
 /// # Safety
-/// `L` valid with 4 free slots, `t` its tracker.
-pub unsafe fn calibrate(L: *mut lua_State, t: &Tracker) {
+/// `L` valid with 4 free slots, `aux` the boxes of its tracker.
+pub unsafe fn calibrate(L: *mut lua_State, aux: &AuxBuffers) {
     static BYTES: [u8; CALIBRATION_SIZE] = [b'x'; CALIBRATION_SIZE];
     unsafe extern "C-unwind" fn run(L: *mut lua_State) -> c_int {
         // SAFETY: called through lua_pcall; the buffer lives in this frame until its result is
@@ -214,11 +202,11 @@ pub unsafe fn calibrate(L: *mut lua_State, t: &Tracker) {
     }
     // SAFETY: a protected call of `run`.
     unsafe {
-        t.aux.calibrating.set(true);
+        aux.calibrating.set(true);
         ffi::lua_pushcfunction(L, run);
         if ffi::lua_pcall(L, 0, 0, 0) != ffi::LUA_OK {
             ffi::lua_pop(L, 1);
         }
-        t.aux.calibrating.set(false);
+        aux.calibrating.set(false);
     }
 }

@@ -1,5 +1,6 @@
 //! The C API's Lua-state functions (`include/lunet_mem.h`): installing the tracker on a state
-//! the runtime created, and reading its live bytes (resuming from C is in `coroutine.rs`).
+//! the runtime created, and reading its live bytes (resuming from C is in
+//! `src/bindings/coroutines.rs`).
 //!
 //! The header's tracked `malloc`/`free`, checkpoints and worker arenas have no Lua: they are the
 //! crate `lunet-mem-c` (crates/lunet-mem-c), linked here so that this library exports them too.

@@ -1,5 +1,6 @@
 //! The tracking allocator: a `lua_Alloc` that forwards every call to the allocator the host
-//! installed and counts what succeeded.
+//! installed and counts what succeeded ([`counted`]; [`traced`] is the same plus the records
+//! of `mem.trace`, while it runs).
 //!
 //! One [`Tracker`] per Lua state, reached through the allocator's `ud`. Nothing here is global:
 //! several states in several threads each have their own tracker. A Lua state runs on one OS
@@ -15,7 +16,8 @@ use mlua::ffi;
 use mlua::ffi::lua_State;
 
 use crate::arena::{self, ArenaSet};
-use crate::scope::Scope;
+use crate::scope::{Ledger, Scope};
+use crate::trace::Trace;
 
 /// The allocator signature Lua uses (`lua_Alloc`).
 pub type LuaAlloc = unsafe extern "C" fn(
@@ -108,7 +110,7 @@ pub struct Tracker {
     /// Keeps the active scope alive (the Lua objects that own scopes may be collected first).
     active_owner: Cell<Option<Rc<Scope>>>,
     /// Allocation tracing (`mem.trace`, see `crate::trace`): off unless started.
-    pub trace: crate::trace::Trace,
+    pub trace: Trace,
     /// LuaJIT: a checked view of the VM's own state (see `crate::luajit`), found when the
     /// module is opened; `None` on other layouts.
     #[cfg(feature = "luajit")]
@@ -124,10 +126,10 @@ pub struct Tracker {
     jit_holds: Cell<u8>,
     #[cfg(feature = "luajit")]
     jit_off_by_us: Cell<bool>,
-    /// LuaJIT 2.1 betas: the debug hook that was installed when the budget hook was armed
-    /// (see `crate::luajit::arm_budget_hook`), to put back.
+    /// LuaJIT 2.1 betas: the budget hook (raises a budget's memory error at a safe point) and
+    /// the debug hook it replaced while armed, to put back (see `crate::luajit::BudgetHook`).
     #[cfg(feature = "luajit")]
-    pub budget_hook: crate::luajit::SavedHook,
+    pub budget_hook: crate::luajit::BudgetHook,
     /// LuaJIT: the yield wrapper cleared the VM's "hook running" mark (see
     /// `crate::luajit::Vm::leave_hook`); the resume wrapper puts it back.
     #[cfg(feature = "luajit")]
@@ -143,11 +145,11 @@ pub struct Tracker {
     /// lauxlib's string buffers (`crate::auxbuf`), counted apart from Lua's memory.
     #[cfg(aux_buffers)]
     pub aux: crate::auxbuf::AuxBuffers,
-    /// What budgeted scopes keep (`crate::ledger`). Declared after `active_owner`, whose scope
-    /// may have entries in it.
-    pub ledger: crate::ledger::Ledger,
-    /// GC cycles completed (counted by a finalizer that re-arms itself, see `crate::lua_api`):
-    /// the clock of the arenas' ages, shared with `arenas`.
+    /// What budgeted scopes keep (see `src/scope/ledger.rs`). Declared after `active_owner`,
+    /// whose scope may have entries in it.
+    pub ledger: Ledger,
+    /// GC cycles completed (counted by a finalizer that re-arms itself, see
+    /// `src/bindings/arenas.rs`): the clock of the arenas' ages, shared with `arenas`.
     pub gc_cycles: Rc<Cell<u64>>,
     /// Whether that finalizer is armed.
     pub gc_ticking: Cell<bool>,
@@ -277,7 +279,7 @@ impl Tracker {
             }
             if self.oom_unsafe_jit.get() {
                 // SAFETY: not the trace compiler (its allocations have no scope).
-                unsafe { crate::luajit::arm_budget_hook(self, vm) };
+                unsafe { self.budget_hook.arm(vm) };
             }
         }
         true
@@ -315,7 +317,7 @@ impl Tracker {
             // (a debug hook is instrumentation: what it allocates is never refused, which
             // also keeps a hook from failing inside mem.scope's own frames)
             // (on 2.1 betas no refusal is safe anywhere: every one waits for a safe point, see
-            // `crate::luajit::arm_budget_hook`)
+            // `crate::luajit::BudgetHook::arm`)
             Doing::Running => {
                 self.jit_compiling.set(false);
                 (scope, self.oom_unsafe_jit.get() || vm_in_hook(self))
@@ -449,7 +451,7 @@ impl Tracker {
                     .is_some_and(|s| s.raise_pending.get() && s.past_budget()),
             ) {
                 // SAFETY: called from the module's C functions.
-                unsafe { crate::luajit::arm_budget_hook(self, vm) };
+                unsafe { self.budget_hook.arm(vm) };
             }
         }
         self.active
@@ -658,6 +660,27 @@ unsafe fn new_block<const MIMALLOC: bool>(
     unsafe { serve::<MIMALLOC>(t, ptr::null_mut(), tag, nsize) }
 }
 
+/// Serves a call of the hook for one of lauxlib's string buffers (a new one, a resize or a
+/// free), counted apart from Lua's memory (see `crate::auxbuf`); the block comes from where
+/// `MIMALLOC` says, as any other.
+///
+/// # Safety
+/// The `lua_Alloc` contract; `t` is the live tracker; a non-null `block` is a live buffer.
+#[cfg(aux_buffers)]
+#[cold]
+#[inline(never)]
+unsafe fn serve_buffer<const MIMALLOC: bool>(
+    t: &Tracker,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: forwarded contract.
+    let result = unsafe { serve::<MIMALLOC>(t, block, osize, nsize) };
+    t.aux.served(block, result, osize, nsize);
+    result
+}
+
 /// Frees or resizes an arena block (see `crate::arena`). A resize stays in place when it can,
 /// else moves the block: to the same arena if it is the active one, else where `MIMALLOC`
 /// says. The arena only counts the free of the old block. A growth is charged to `charge` (the
@@ -741,7 +764,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         || tracker.aux.is_live_buffer(block)
     {
         // SAFETY: forwarded contract.
-        return unsafe { crate::auxbuf::serve_buffer::<MIMALLOC>(tracker, block, osize, nsize) };
+        return unsafe { serve_buffer::<MIMALLOC>(tracker, block, osize, nsize) };
     }
     #[cfg(not(aux_buffers))]
     let _ = caller;
@@ -801,4 +824,58 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         tracker.ledger_resized(charge, block, result, osize, nsize);
     }
     result
+}
+
+/// The hook while tracing: the untraced hook ([`counted`]) plus the records (`crate::trace`).
+/// Called by the traced hooks, which `mem.trace.start` installs in place of the plain ones.
+///
+/// # Safety
+/// As for the hook: `ud` is the live tracker `t`, and the call follows the `lua_Alloc` contract.
+#[cold]
+#[inline(never)]
+pub(crate) unsafe fn traced<const MIMALLOC: bool>(
+    t: &Tracker,
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+    caller: usize,
+) -> *mut c_void {
+    // (lauxlib's string buffers are not Lua's memory: not recorded, see `crate::auxbuf`)
+    #[cfg(aux_buffers)]
+    if (block.is_null() && osize == 0 && t.aux.is_buffer_site(caller, nsize))
+        || t.aux.is_live_buffer(block)
+    {
+        // SAFETY: forwarded contract.
+        return unsafe { counted::<MIMALLOC>(t, ud, block, osize, nsize, caller) };
+    }
+    // SAFETY: forwarded contract. The stack is read before the block is served, the records
+    // are updated after; a free may end the tracker, so its record goes first.
+    unsafe {
+        if block.is_null() {
+            #[cfg(feature = "luajit")]
+            let vm = t.vm.get();
+            #[cfg(not(feature = "luajit"))]
+            let vm = ();
+            let site = if nsize > 0 {
+                t.trace.before_new(nsize, vm)
+            } else {
+                None
+            };
+            let result = counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
+            if let (Some(site), false) = (site, result.is_null()) {
+                t.trace.after_new(result, nsize, site);
+            }
+            return result;
+        }
+        if nsize == 0 {
+            t.trace.before_free(block, osize);
+            return counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
+        }
+        let result = counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
+        if !result.is_null() {
+            t.trace.after_move(block, result, nsize);
+        }
+        result
+    }
 }

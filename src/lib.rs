@@ -1,17 +1,19 @@
 #![doc = include_str!("../README.md")]
 #![allow(non_snake_case)] // `L` for a `lua_State`, as in Lua's own source.
 
-// Modules, leaves first (each uses only those above it, see docs/ARCHITECTURE.md):
-// arena (chunks and blocks) · scope (+ its budget ledger) · hook (the Tracker and the counting
-// lua_Alloc body) · state (the tracker's life: install, the exported entries, close) · the
-// bindings above them.
+// Modules, leaves first (each uses only those above it; tests/module_graph.sh checks there is
+// no cycle): fxhash · arena (chunks and blocks) · luajit (reading LuaJIT's VM) · auxbuf
+// (lauxlib's buffers) · udata (typed userdata) · scope (+ its budget ledger) · trace (the
+// records) · hook (the Tracker, the counting lua_Alloc body and its traced twin) · state (the
+// tracker's life: install, the exported entries, close) · the bindings and capi above them.
+// docs/ARCHITECTURE.md follows one allocation and one mem.scope call through them.
 mod arena;
 #[cfg(aux_buffers)]
 mod auxbuf;
 mod bindings;
 mod capi;
+mod fxhash;
 mod hook;
-mod ledger;
 #[cfg(feature = "luajit")]
 mod luajit;
 mod scope;
@@ -133,7 +135,7 @@ pub unsafe extern "C-unwind" fn open(L: *mut lua_State) -> c_int {
         }
         #[cfg(aux_buffers)]
         if t.aux.blocks() == 0 && !t.aux.calibrated() {
-            auxbuf::calibrate(L, t);
+            auxbuf::calibrate(L, &t.aux);
         }
         #[cfg(not(any(feature = "luajit", aux_buffers)))]
         let _ = t;

@@ -23,7 +23,8 @@
 //! caller, and the main thread pointing back to the global state. On any other layout the
 //! module does without (see each caller's fallback).
 
-use std::ffi::c_void;
+use std::cell::Cell;
+use std::ffi::{c_int, c_void};
 use std::ptr;
 
 use mlua::ffi::{self, lua_State};
@@ -120,6 +121,14 @@ impl Vm {
             }
             Some(Vm { g, cur_l })
         }
+    }
+
+    /// The state's main thread (`g->mainthref`): it lives until the state's last block is
+    /// freed, unlike the thread a current LuaJIT runs finalizers on (`vmthread`), which
+    /// `lua_close` frees with the other objects.
+    pub fn main_thread(&self) -> *mut lua_State {
+        // SAFETY: as in `state`; checked non-null and pointing back at `g` by `find`.
+        unsafe { read::<*mut lua_State>(self.g, G_MAINTHREF) }
     }
 
     /// The VM state (`g->vmstate`).
@@ -379,89 +388,73 @@ pub unsafe fn register_flush(L: *mut lua_State) {
 // ---------------------------------------------------------------------------------------------
 // Budgets on 2.1 betas: refused at a safe point
 
-/// The debug hook the budget hook replaced while armed.
+/// The budget hook of one state: the count hook that raises a budget's memory error at a safe
+/// point, and the debug hook it replaced while armed. This module only installs and removes
+/// it; the hook itself needs the tracker, so the tracker's owner hands it over at install
+/// (`crate::state`'s `budget_hook`), and a state that got none never arms one.
 #[derive(Default)]
-pub struct SavedHook {
-    /// Whether the budget hook is installed.
-    armed: std::cell::Cell<bool>,
-    hook: std::cell::Cell<Option<ffi::lua_Hook>>,
-    mask: std::cell::Cell<std::ffi::c_int>,
-    count: std::cell::Cell<std::ffi::c_int>,
+pub struct BudgetHook {
+    /// The count hook to install, if handed over.
+    handler: Cell<Option<ffi::lua_Hook>>,
+    /// Whether the count hook is installed.
+    armed: Cell<bool>,
+    /// The debug hook it replaced, with its mask and count, to put back.
+    saved_hook: Cell<Option<ffi::lua_Hook>>,
+    saved_mask: Cell<c_int>,
+    saved_count: Cell<c_int>,
 }
 
-/// LuaJIT 2.1 betas do not survive an allocation that fails in compiled code, in a fast
-/// function, while a coroutine is resumed or while an error is being raised (their
-/// out-of-memory paths were fixed in 2023). So there, a budget never refuses an allocation: it
-/// admits it and marks the active scope overdrawn (`Tracker::overdraw`), and this installs a
-/// count hook that raises Lua's memory error at the next instruction the interpreter runs in
-/// that scope: a point where raising is safe. Compiled code gets there when it leaves its trace
-/// (and the compiler is off while a budgeted scope is active). The debug hook in place (if
-/// any) is put back once the error is raised, or once the scope is no longer active.
-///
-/// # Safety
-/// `t` the tracker of the VM `vm`; not called from the trace compiler.
-pub unsafe fn arm_budget_hook(t: &crate::hook::Tracker, vm: Vm) {
-    let saved = &t.budget_hook;
-    if saved.armed.get() {
-        return;
+impl BudgetHook {
+    /// Sets the count hook [`BudgetHook::arm`] installs.
+    pub fn set_handler(&self, handler: ffi::lua_Hook) {
+        self.handler.set(Some(handler));
     }
-    let L = vm.current_thread();
-    // SAFETY: a thread of the VM; setting a hook only updates the VM's dispatch table.
-    unsafe {
-        saved.hook.set(ffi::lua_gethook(L));
-        saved.mask.set(ffi::lua_gethookmask(L));
-        saved.count.set(ffi::lua_gethookcount(L));
-        saved.armed.set(true);
-        ffi::lua_sethook(L, Some(budget_hook), ffi::LUA_MASKCOUNT, 1);
-    }
-}
 
-/// Puts back the hook [`arm_budget_hook`] replaced.
-///
-/// # Safety
-/// `L` a thread of `t`'s state.
-unsafe fn disarm_budget_hook(t: &crate::hook::Tracker, L: *mut lua_State) {
-    let saved = &t.budget_hook;
-    if saved.armed.replace(false) {
-        // SAFETY: as in `arm_budget_hook`.
-        unsafe { ffi::lua_sethook(L, saved.hook.get(), saved.mask.get(), saved.count.get()) };
-    }
-}
-
-/// The budget hook: at an instruction of the interpreter, raises Lua's memory error if the
-/// active scope is overdrawn, unless this is a finalizer (LuaJIT propagates a finalizer's error
-/// from wherever the collector ran) or the module's own Lua code (mem.scope's frames: the scope
-/// closes, and fails, there).
-unsafe extern "C-unwind" fn budget_hook(L: *mut lua_State, ar: *mut ffi::lua_Debug) {
-    // SAFETY: called by LuaJIT as a hook, between two instructions.
-    unsafe {
-        let Some(t) = crate::state::tracker(L) else {
+    /// LuaJIT 2.1 betas do not survive an allocation that fails in compiled code, in a fast
+    /// function, while a coroutine is resumed or while an error is being raised (their
+    /// out-of-memory paths were fixed in 2023). So there, a budget never refuses an allocation:
+    /// it admits it and marks the active scope overdrawn (`Tracker::overdraw`), and this
+    /// installs a count hook that raises Lua's memory error at the next instruction the
+    /// interpreter runs in that scope: a point where raising is safe. Compiled code gets there
+    /// when it leaves its trace (and the compiler is off while a budgeted scope is active). The
+    /// debug hook in place (if any) is put back once the error is raised, or once the scope is
+    /// no longer active.
+    ///
+    /// # Safety
+    /// `vm` is the VM of the state this belongs to; not called from the trace compiler.
+    pub unsafe fn arm(&self, vm: Vm) {
+        let Some(handler) = self.handler.get() else {
             return;
         };
-        let scope = t.active.get();
-        if scope.is_null() || !(*scope).raise_pending.get() {
-            disarm_budget_hook(t, L); // (armed again when the scope is active again)
+        if self.armed.get() {
             return;
         }
-        if !(*scope).past_budget() {
-            // The budget it went past has closed since (a coroutine overdrew it in a finalizer
-            // and was resumed after), or is no longer exceeded: nothing to raise any more.
-            (*scope).raise_pending.set(false);
-            disarm_budget_hook(t, L);
-            return;
+        let L = vm.current_thread();
+        // SAFETY: a thread of the VM; setting a hook only updates the VM's dispatch table.
+        unsafe {
+            self.saved_hook.set(ffi::lua_gethook(L));
+            self.saved_mask.set(ffi::lua_gethookmask(L));
+            self.saved_count.set(ffi::lua_gethookcount(L));
+            self.armed.set(true);
+            ffi::lua_sethook(L, Some(handler), ffi::LUA_MASKCOUNT, 1);
         }
-        if t.vm.get().is_some_and(|vm| vm.in_finalizer()) {
-            return;
+    }
+
+    /// Puts back the hook [`BudgetHook::arm`] replaced.
+    ///
+    /// # Safety
+    /// `L` a thread of the state this belongs to.
+    pub unsafe fn disarm(&self, L: *mut lua_State) {
+        if self.armed.replace(false) {
+            // SAFETY: as in `arm`.
+            unsafe {
+                ffi::lua_sethook(
+                    L,
+                    self.saved_hook.get(),
+                    self.saved_mask.get(),
+                    self.saved_count.get(),
+                )
+            };
         }
-        if ffi::lua_getinfo(L, c"S".as_ptr(), ar) != 0
-            && !(*ar).source.is_null()
-            && std::ffi::CStr::from_ptr((*ar).source) == c"=lunet.mem"
-        {
-            return;
-        }
-        disarm_budget_hook(t, L);
-        (*scope).raise_pending.set(false);
-        ffi::lua_pushstring(L, c"not enough memory".as_ptr());
-        ffi::lua_error(L);
     }
 }

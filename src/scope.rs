@@ -2,14 +2,21 @@
 //!
 //! A scope is opened in a Lua thread (coroutine), and allocations are attributed to the innermost
 //! open scope of the running thread, then rolled up to the scopes it was opened in. Which scope is
-//! active follows the coroutines: see [`ThreadScopes`] and `crate::lua_api`'s enter/leave.
+//! active follows the coroutines: see [`ThreadScopes`] and the enter/leave of
+//! `src/bindings/coroutines.rs`.
+//!
+//! The scopes' budget ledger (what budgeted scopes keep) is the submodule `ledger`
+//! (`src/scope/ledger.rs`).
 
 use std::cell::{Cell, UnsafeCell};
 use std::ptr;
 use std::rc::Rc;
 
+mod ledger;
+
+pub use ledger::Ledger;
+
 use crate::arena::{Arena, ArenaSet, FreedFrom};
-use crate::ledger::Ledger;
 
 /// One scope and its counters (see the `scope:stats()` fields in the README).
 pub struct Scope {
@@ -17,9 +24,9 @@ pub struct Scope {
     pub allocs: Cell<u64>,
     pub frees: Cell<u64>,
     pub reallocs: Cell<u64>,
-    pub allocated_bytes: Cell<u64>,
-    pub freed_bytes: Cell<u64>,
-    /// `allocated_bytes - freed_bytes`.
+    pub bytes_allocated: Cell<u64>,
+    pub bytes_freed: Cell<u64>,
+    /// `bytes_allocated - bytes_freed`.
     pub net_bytes: Cell<i64>,
     /// Highest `net_bytes` while the scope was open.
     pub peak_bytes: Cell<i64>,
@@ -50,7 +57,7 @@ pub struct Scope {
     guarded: bool,
     /// Bytes of the blocks made (or grown) while this scope or one opened inside it was active
     /// that are still live: what its budget bounds (kept only where a limit counts, see
-    /// `crate::ledger`).
+    /// `src/scope/ledger.rs`).
     pub kept_bytes: Cell<i64>,
     /// Whether this scope or one it was opened in has a limit: allocations while it is active
     /// are recorded in the ledger.
@@ -69,7 +76,7 @@ pub struct Scope {
     /// error raised sooner was caught).
     pub overdrawn: Cell<bool>,
     /// Set with `overdrawn` on the active scope until Lua's memory error has been raised in it
-    /// (LuaJIT 2.1 betas: by a count hook, `crate::luajit::arm_budget_hook`).
+    /// (LuaJIT 2.1 betas: by a count hook, `crate::luajit::BudgetHook`).
     pub raise_pending: Cell<bool>,
     /// The count of open budgeted scopes this scope is counted in until it closes (see
     /// [`Scope::count_in`]), or null. Invariant: the count outlives the scope (it is a field
@@ -142,8 +149,8 @@ impl Scope {
             allocs: Cell::new(0),
             frees: Cell::new(0),
             reallocs: Cell::new(0),
-            allocated_bytes: Cell::new(0),
-            freed_bytes: Cell::new(0),
+            bytes_allocated: Cell::new(0),
+            bytes_freed: Cell::new(0),
             net_bytes: Cell::new(0),
             peak_bytes: Cell::new(0),
             closed: Cell::new(false),
@@ -404,7 +411,7 @@ impl Scope {
         unsafe {
             Scope::walk(scope, |s| {
                 s.allocs.set(s.allocs.get() + 1);
-                s.allocated_bytes.set(s.allocated_bytes.get() + nsize);
+                s.bytes_allocated.set(s.bytes_allocated.get() + nsize);
                 s.add_net(nsize as i64);
             })
         }
@@ -418,7 +425,7 @@ impl Scope {
         unsafe {
             Scope::walk(scope, |s| {
                 s.frees.set(s.frees.get() + 1);
-                s.freed_bytes.set(s.freed_bytes.get() + osize);
+                s.bytes_freed.set(s.bytes_freed.get() + osize);
                 s.net_bytes.set(s.net_bytes.get() - osize as i64);
             })
         }
@@ -432,8 +439,8 @@ impl Scope {
         unsafe {
             Scope::walk(scope, |s| {
                 s.reallocs.set(s.reallocs.get() + 1);
-                s.allocated_bytes.set(s.allocated_bytes.get() + nsize);
-                s.freed_bytes.set(s.freed_bytes.get() + osize);
+                s.bytes_allocated.set(s.bytes_allocated.get() + nsize);
+                s.bytes_freed.set(s.bytes_freed.get() + osize);
                 s.add_net(nsize as i64 - osize as i64);
             })
         }
@@ -488,8 +495,8 @@ impl ThreadScopes {
 
     /// Ends the scopes the thread has open, innermost first, whatever else still holds them (a
     /// scope object, the `base` of a coroutine resumed inside them, a scope opened in such a
-    /// coroutine): for a thread that can no longer close them (see `lua_api`'s finalizer of
-    /// thread records). `base` belongs to another thread and stays open.
+    /// coroutine): for a thread that can no longer close them (see the finalizer of thread
+    /// records in `src/bindings/scopes.rs`). `base` belongs to another thread and stays open.
     pub fn end_open_scopes(&mut self) {
         while let Some(scope) = self.stack.pop() {
             scope.close();

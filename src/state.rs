@@ -26,7 +26,7 @@ use std::ptr;
 
 use mlua::ffi::{self, lua_State};
 
-use crate::hook::{counted, LuaAlloc, Tracker};
+use crate::hook::{counted, traced, LuaAlloc, Tracker};
 
 /// Registry key of the userdata whose finalizer removes the tracker when the state closes.
 const SENTINEL_KEY: &std::ffi::CStr = c"lunet.mem.sentinel";
@@ -101,6 +101,8 @@ pub unsafe fn install<'a>(L: *mut lua_State, serve: Serve) -> &'a Tracker {
         let baseline = gc_count_bytes(L);
         let tracker = Box::into_raw(Box::new(Tracker::new(host, host_ud, baseline)));
         ffi::lua_setallocf(L, hook_for(serve), tracker.cast());
+        #[cfg(feature = "luajit")]
+        (*tracker).budget_hook.set_handler(budget_hook);
         #[cfg(any(feature = "lua54", feature = "lua55"))]
         {
             // (the registry's main-thread slot: a lookup, no allocation)
@@ -138,8 +140,9 @@ unsafe fn push_sentinel(L: *mut lua_State) {
 /// serving, the state gets its own allocator back at once: the frees that follow go straight to
 /// the host allocator, which made every block (and LuaJIT then releases its arena as usual).
 /// With mimalloc serving, or with arena blocks live, blocks must keep coming to the hook until
-/// the last of ours is freed; the tracker is marked closing and [`after_free`] does the same then. If the sentinel was
-/// collected without a close (someone cleared its registry entry), a new one takes its place.
+/// the last of ours is freed; the tracker is marked closing and [`after_free`] does the same
+/// then. If the sentinel was collected without a close (someone cleared its registry entry), a
+/// new one takes its place.
 unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
     // SAFETY: valid state (called by Lua as a finalizer, the sentinel at index 1).
     unsafe {
@@ -165,7 +168,14 @@ unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
         }
         let tracker = &*(ud as *const Tracker);
         if tracker.own_blocks() > 0 {
-            tracker.closing.set(L);
+            // The thread that finishes the close later must outlive every other object: the
+            // main thread (PUC Lua runs close's finalizers on it; a current LuaJIT on a thread
+            // of its own, freed before the last of our blocks).
+            #[cfg(feature = "luajit")]
+            let main = tracker.vm.get().map_or(L, |vm| vm.main_thread());
+            #[cfg(not(feature = "luajit"))]
+            let main = L;
+            tracker.closing.set(main);
             return 0;
         }
         // `ud` is the Box made by `install`; after `lua_setallocf` nothing reaches it.
@@ -207,7 +217,7 @@ pub enum Serve {
 /// main thread and global state, freed last by `lua_close`), and no call can follow.
 ///
 /// # Safety
-/// `ud` must be a live `Tracker` made by [`crate::state::install`], and the call must follow the
+/// `ud` must be a live `Tracker` made by [`install`], and the call must follow the
 /// `lua_Alloc` contract (Lua itself guarantees this).
 #[inline(always)]
 unsafe fn hook<const MIMALLOC: bool>(
@@ -310,7 +320,7 @@ alloc_entry! {
 }
 alloc_entry! {
     /// The hook that forwards every call to the host allocator and records allocation sites
-    /// (installed by `mem.trace.start`, see `crate::trace`).
+    /// (installed by `mem.trace.start`, see `crate::hook::traced`).
     lunet_mem_alloc_host_traced => host_traced_body
 }
 alloc_entry! {
@@ -358,7 +368,7 @@ unsafe extern "C" fn host_traced_body(
     // SAFETY: forwarded contract; `ud` is a live Tracker, not used after `end_if_last`.
     unsafe {
         let tracker = &*(ud as *const Tracker);
-        let result = crate::trace::traced::<false>(tracker, ud, block, osize, nsize, caller);
+        let result = traced::<false>(tracker, ud, block, osize, nsize, caller);
         end_if_last(tracker, ud, block, nsize);
         result
     }
@@ -376,7 +386,7 @@ unsafe extern "C" fn mimalloc_traced_body(
     // SAFETY: forwarded contract; `ud` is a live Tracker, not used after `end_if_last`.
     unsafe {
         let tracker = &*(ud as *const Tracker);
-        let result = crate::trace::traced::<true>(tracker, ud, block, osize, nsize, caller);
+        let result = traced::<true>(tracker, ud, block, osize, nsize, caller);
         end_if_last(tracker, ud, block, nsize);
         result
     }
@@ -475,6 +485,49 @@ unsafe fn after_free(t: &Tracker, ud: *mut c_void) -> bool {
         return true;
     }
     false
+}
+
+// ---------------------------------------------------------------------------------------------
+// LuaJIT 2.1 betas: the budget hook (armed by the hook, see `crate::luajit::BudgetHook::arm`).
+
+/// The budget hook: at an instruction of the interpreter, raises Lua's memory error if the
+/// active scope is overdrawn, unless this is a finalizer (LuaJIT propagates a finalizer's error
+/// from wherever the collector ran) or the module's own Lua code (mem.scope's frames: the scope
+/// closes, and fails, there). Here rather than in `luajit.rs`: it finds the tracker from the
+/// state, which only this module knows how to do.
+#[cfg(feature = "luajit")]
+unsafe extern "C-unwind" fn budget_hook(L: *mut lua_State, ar: *mut ffi::lua_Debug) {
+    // SAFETY: called by LuaJIT as a hook, between two instructions.
+    unsafe {
+        let Some(t) = tracker(L) else {
+            return;
+        };
+        let scope = t.active.get();
+        if scope.is_null() || !(*scope).raise_pending.get() {
+            t.budget_hook.disarm(L); // (armed again when the scope is active again)
+            return;
+        }
+        if !(*scope).past_budget() {
+            // The budget it went past has closed since (a coroutine overdrew it in a finalizer
+            // and was resumed after), or is no longer exceeded: nothing to raise any more.
+            (*scope).raise_pending.set(false);
+            t.budget_hook.disarm(L);
+            return;
+        }
+        if t.vm.get().is_some_and(|vm| vm.in_finalizer()) {
+            return;
+        }
+        if ffi::lua_getinfo(L, c"S".as_ptr(), ar) != 0
+            && !(*ar).source.is_null()
+            && std::ffi::CStr::from_ptr((*ar).source) == c"=lunet.mem"
+        {
+            return;
+        }
+        t.budget_hook.disarm(L);
+        (*scope).raise_pending.set(false);
+        ffi::lua_pushstring(L, c"not enough memory".as_ptr());
+        ffi::lua_error(L);
+    }
 }
 
 #[cfg(test)]

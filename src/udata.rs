@@ -8,6 +8,9 @@
 //! (compared by identity, as `luaL_testudata` does), and holds the slot's tag: a per-type
 //! constant mixed with the slot's own address, which no Lua code can write and no other library's
 //! userdata holds. A finalized slot is emptied, so a second `__gc` (by hand) does nothing.
+//!
+//! A leaf: checking an argument (raising `bad argument` when it is not a `T`) is
+//! `check_udata` in `src/bindings/errors.rs`, with the other ways of raising.
 
 use std::ffi::{c_int, CStr};
 use std::mem;
@@ -130,20 +133,6 @@ pub unsafe fn test<'a, T: Boxed>(L: *mut lua_State, idx: c_int) -> Option<&'a mu
             None
         } else {
             (*slot).value.as_mut()
-        }
-    }
-}
-
-/// The `T` at argument `n`, or `bad argument #n to 'fname' (<T::NAME> expected, got <type>)`.
-///
-/// # Safety
-/// Called from a Lua C function; nothing with a destructor alive in the caller.
-pub unsafe fn check<'a, T: Boxed>(L: *mut lua_State, n: c_int, fname: &CStr) -> &'a mut T {
-    // SAFETY: forwarded contract.
-    unsafe {
-        match test::<T>(L, n) {
-            Some(value) => value,
-            None => crate::bindings::type_error(L, n, fname, T::NAME),
         }
     }
 }

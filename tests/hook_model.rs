@@ -369,8 +369,8 @@ fn run(ops: Vec<Op>, serve: Serve) {
             allocs: s.real.allocs.get(),
             frees: s.real.frees.get(),
             reallocs: s.real.reallocs.get(),
-            allocated: s.real.allocated_bytes.get(),
-            freed: s.real.freed_bytes.get(),
+            allocated: s.real.bytes_allocated.get(),
+            freed: s.real.bytes_freed.get(),
             net: s.real.net_bytes.get(),
             peak: s.real.peak_bytes.get(),
         };

@@ -7,7 +7,7 @@ use std::ptr;
 
 use mlua::ffi::{self, lua_State};
 
-use super::errors::check_tracker;
+use super::errors::{check_tracker, check_udata};
 use super::{push_str, register, set_int, to_string};
 use crate::udata;
 
@@ -73,7 +73,7 @@ unsafe extern "C-unwind" fn l_checkpoint(L: *mut lua_State) -> c_int {
 /// checkpoint.
 unsafe fn check_checkpoint<'a>(L: *mut lua_State, fname: &CStr) -> &'a Checkpoint {
     // SAFETY: forwarded contract.
-    unsafe { udata::check::<Checkpoint>(L, 1, fname) }
+    unsafe { check_udata::<Checkpoint>(L, 1, fname) }
 }
 
 /// `cp:delta()`: `{bytes = n, blocks = n}` since the checkpoint, read before the table is made.
@@ -101,7 +101,7 @@ unsafe extern "C-unwind" fn l_cp_values(L: *mut lua_State) -> c_int {
         } else {
             c"is_neutral"
         };
-        let cp = udata::check::<Checkpoint>(L, 1, fname);
+        let cp = check_udata::<Checkpoint>(L, 1, fname);
         let t = check_tracker(L);
         ffi::lua_pushinteger(L, (t.live_bytes.get() as i64 - cp.live_bytes as i64) as _);
         ffi::lua_pushinteger(L, (t.net_blocks() - cp.net_blocks) as _);

@@ -2,10 +2,10 @@
 //!
 //! `lua_error` does not unwind Rust frames: a value with a destructor alive in any of them when
 //! an error propagates is never dropped (a leak, or a guard whose `Drop` never runs).
-//! The one rule: raise only through [`raise`], [`type_error`] or [`rethrow`], each called with
-//! nothing of Rust's alive; a Lua value built from a Rust one that owns memory is made by
-//! [`push_owned`] (or [`try_push`]), which builds it in protected mode, drops the Rust value,
-//! and only then raises what building it raised.
+//! The one rule: raise only through [`raise`], [`type_error`] (and [`check_udata`]) or
+//! [`rethrow`], each called with nothing of Rust's alive; a Lua value built from a Rust one that
+//! owns memory is made by [`push_owned`] (or [`try_push`]), which builds it in protected mode,
+//! drops the Rust value, and only then raises what building it raised.
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void, CStr};
@@ -179,6 +179,24 @@ pub(crate) unsafe fn type_error(L: *mut lua_State, n: c_int, fname: &CStr, expec
         );
         ffi::lua_concat(L, 2);
         ffi::lua_error(L)
+    }
+}
+
+/// The `T` at argument `n`, or `bad argument #n to 'fname' (<T::NAME> expected, got <type>)`.
+///
+/// # Safety
+/// Called from a Lua C function; nothing with a destructor alive in the caller.
+pub(super) unsafe fn check_udata<'a, T: udata::Boxed>(
+    L: *mut lua_State,
+    n: c_int,
+    fname: &CStr,
+) -> &'a mut T {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match udata::test::<T>(L, n) {
+            Some(value) => value,
+            None => type_error(L, n, fname, T::NAME),
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use std::ffi::{c_int, CStr};
 
 use mlua::ffi::{self, lua_State};
 
-pub(crate) use errors::{rethrow, type_error};
+pub(crate) use errors::rethrow;
 pub(crate) use scopes::thread_scopes;
 
 use crate::scope::ThreadScopes;

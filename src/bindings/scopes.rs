@@ -8,7 +8,7 @@ use std::rc::Rc;
 use mlua::ffi::{self, lua_State};
 
 use super::arenas::arm_gc_tick;
-use super::errors::{check_tracker, no_arguments, push_owned, raise, rethrow};
+use super::errors::{check_tracker, check_udata, no_arguments, push_owned, raise, rethrow};
 use super::{push_str, register, set_int};
 use crate::arena;
 use crate::hook::Tracker;
@@ -347,8 +347,11 @@ pub(super) unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
         (c"allocs", scope.allocs.get() as i64),
         (c"frees", scope.frees.get() as i64),
         (c"reallocs", scope.reallocs.get() as i64),
-        (c"allocated_bytes", scope.allocated_bytes.get() as i64),
-        (c"freed_bytes", scope.freed_bytes.get() as i64),
+        (c"bytes_allocated", scope.bytes_allocated.get() as i64),
+        (c"bytes_freed", scope.bytes_freed.get() as i64),
+        // (their former names, kept as aliases so that scripts that read those still work)
+        (c"allocated_bytes", scope.bytes_allocated.get() as i64),
+        (c"freed_bytes", scope.bytes_freed.get() as i64),
         (c"net_bytes", scope.net_bytes.get()),
         (c"peak_bytes", scope.peak_bytes.get()),
         (c"jit_traces", scope.jit_traces.get() as i64),
@@ -356,7 +359,7 @@ pub(super) unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
     ];
     // SAFETY: valid state.
     unsafe {
-        ffi::lua_createtable(L, 0, 11);
+        ffi::lua_createtable(L, 0, 13);
         for (key, value) in counters {
             set_int(L, key, value);
         }
@@ -395,7 +398,7 @@ unsafe extern "C-unwind" fn l_current(L: *mut lua_State) -> c_int {
 /// scope object.
 unsafe fn check_scope<'a>(L: *mut lua_State, fname: &CStr) -> &'a Scope {
     // SAFETY: forwarded contract.
-    unsafe { udata::check::<Rc<Scope>>(L, 1, fname) }
+    unsafe { check_udata::<Rc<Scope>>(L, 1, fname) }
 }
 
 /// `scope:stats()`.

@@ -4,8 +4,8 @@
 //! # Where the site comes from
 //!
 //! The allocator gets no `lua_State`. The tracker follows the thread that runs (set by
-//! `trace.start` to the calling thread, by `crate::bindings::coroutines::enter` to the coroutine being
-//! resumed and by `leave` back to the resumer: the same points that make scopes follow
+//! `trace.start` to the calling thread, by `enter` in `src/bindings/coroutines.rs` to the coroutine
+//! being resumed and by `leave` back to the resumer: the same points that make scopes follow
 //! coroutines). When a new block is recorded, the stack of that thread is read with
 //! `lua_getstack` and `lua_getinfo("Sl")` (`"Sln"` on 5.2+ and LuaJIT).
 //!
@@ -48,8 +48,8 @@
 //!
 //! Files: `record.rs` (frames and sites: what the hook reads of a stack), `live.rs` (the map of
 //! live recorded blocks), `snapshot.rs` (copies grouped by site), `render.rs` (labels, folded
-//! stacks, flame graphs), `tracer.rs` (the tracer in the tracker, and the traced hook); the Lua
-//! functions are in `crate::bindings::tracing`.
+//! stacks, flame graphs), `tracer.rs` (the tracer in the tracker). The traced hook that feeds it
+//! is `crate::hook::traced`; the Lua functions are in `src/bindings/tracing.rs`.
 
 mod live;
 mod record;
@@ -57,12 +57,11 @@ mod render;
 mod snapshot;
 mod tracer;
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use crate::fxhash::FxMap;
 
 pub use snapshot::{Key, Snapshot, Stat};
 pub(crate) use tracer::Busy;
-pub use tracer::{traced, Trace};
+pub use tracer::Trace;
 
 /// What the tracer knows of the VM: LuaJIT's checked view of its own state, if any.
 #[cfg(feature = "luajit")]
@@ -73,51 +72,10 @@ type Vm = ();
 /// Deepest traceback recorded (`opts.depth`).
 pub const MAX_DEPTH: usize = 64;
 
-/// A multiply-rotate hasher (rustc's Fx with the rotation of rustc-hash 2): fast on the
-/// addresses and small integer keys used here. The rotation brings the well-mixed high bits of
-/// the product down, so that 16-byte-aligned addresses spread over the buckets.
-#[derive(Default, Clone, Copy)]
-pub struct FxHasher {
-    hash: u64,
-}
-
-const FX_K: u64 = 0xf135_7aea_2e62_a9c5;
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-    #[inline]
-    fn write_u64(&mut self, n: u64) {
-        self.hash = (self.hash ^ n).wrapping_mul(FX_K);
-    }
-    #[inline]
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(n as u64);
-    }
-    #[inline]
-    fn write_i32(&mut self, n: i32) {
-        self.write_u64(n as u32 as u64);
-    }
-    #[inline]
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.hash.rotate_left(26)
-    }
-}
-
-type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::live::LiveBlock;
     use super::record::{Frame, Recorder};
     use super::*;

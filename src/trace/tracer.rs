@@ -1,4 +1,5 @@
-//! The tracer in the tracker: its state in each Lua state, and the hook while tracing.
+//! The tracer in the tracker: its state in each Lua state, and what the hook while tracing
+//! (`crate::hook::traced`) calls before and after it serves a block.
 
 use std::cell::{Cell, UnsafeCell};
 use std::ffi::{c_void, CStr};
@@ -9,9 +10,8 @@ use mlua::ffi::{self, lua_State};
 
 use super::record::Recorder;
 use super::{Vm, MAX_DEPTH};
-use crate::hook::Tracker;
 
-/// The tracing state of one Lua state (a field of [`Tracker`]).
+/// The tracing state of one Lua state (a field of the tracker, `crate::hook::Tracker`).
 pub struct Trace {
     /// Whether allocations are recorded (the traced hook is installed while it is set).
     pub on: Cell<bool>,
@@ -185,7 +185,7 @@ impl Trace {
     ///
     /// # Safety
     /// Called from the hook, before the block is served.
-    unsafe fn before_new(&self, nsize: usize, vm: Vm) -> Option<u32> {
+    pub(crate) unsafe fn before_new(&self, nsize: usize, vm: Vm) -> Option<u32> {
         if self.paused.get() {
             return None;
         }
@@ -198,7 +198,7 @@ impl Trace {
         Some(unsafe { self.capture(rec, vm) })
     }
 
-    fn after_new(&self, block: *mut c_void, nsize: usize, site: u32) {
+    pub(crate) fn after_new(&self, block: *mut c_void, nsize: usize, site: u32) {
         let Some(busy) = Busy::enter(&self.busy) else {
             return;
         };
@@ -208,7 +208,7 @@ impl Trace {
     }
 
     /// Before the block `block` of `osize` bytes is freed.
-    fn before_free(&self, block: *mut c_void, osize: usize) {
+    pub(crate) fn before_free(&self, block: *mut c_void, osize: usize) {
         let running = self.running.get() as usize;
         if running.wrapping_sub(block as usize) < osize {
             self.running.set(self.main.get());
@@ -221,66 +221,12 @@ impl Trace {
         }
     }
 
-    fn after_move(&self, old: *mut c_void, new: *mut c_void, nsize: usize) {
+    pub(crate) fn after_move(&self, old: *mut c_void, new: *mut c_void, nsize: usize) {
         let Some(busy) = Busy::enter(&self.busy) else {
             return;
         };
         if let Some(rec) = self.recorder(&busy) {
             rec.moved(old as usize, new as usize, nsize);
         }
-    }
-}
-
-/// The hook while tracing: the untraced hook ([`crate::hook::counted`]) plus the records.
-/// Called by the traced hooks, which `mem.trace.start` installs in place of the plain ones.
-///
-/// # Safety
-/// As for the hook: `ud` is the live tracker `t`, and the call follows the `lua_Alloc` contract.
-#[cold]
-#[inline(never)]
-pub unsafe fn traced<const MIMALLOC: bool>(
-    t: &Tracker,
-    ud: *mut c_void,
-    block: *mut c_void,
-    osize: usize,
-    nsize: usize,
-    caller: usize,
-) -> *mut c_void {
-    // (lauxlib's string buffers are not Lua's memory: not recorded, see `crate::auxbuf`)
-    #[cfg(aux_buffers)]
-    if (block.is_null() && osize == 0 && t.aux.is_buffer_site(caller, nsize))
-        || t.aux.is_live_buffer(block)
-    {
-        // SAFETY: forwarded contract.
-        return unsafe { crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller) };
-    }
-    // SAFETY: forwarded contract. The stack is read before the block is served, the records
-    // are updated after; a free may end the tracker, so its record goes first.
-    unsafe {
-        if block.is_null() {
-            #[cfg(feature = "luajit")]
-            let vm = t.vm.get();
-            #[cfg(not(feature = "luajit"))]
-            let vm = ();
-            let site = if nsize > 0 {
-                t.trace.before_new(nsize, vm)
-            } else {
-                None
-            };
-            let result = crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
-            if let (Some(site), false) = (site, result.is_null()) {
-                t.trace.after_new(result, nsize, site);
-            }
-            return result;
-        }
-        if nsize == 0 {
-            t.trace.before_free(block, osize);
-            return crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
-        }
-        let result = crate::hook::counted::<MIMALLOC>(t, ud, block, osize, nsize, caller);
-        if !result.is_null() {
-            t.trace.after_move(block, result, nsize);
-        }
-        result
     }
 }

@@ -19,12 +19,10 @@
 //! does not look at it.
 
 use std::cell::{Cell, UnsafeCell};
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::ptr;
 
-use crate::scope::Scope;
-use crate::trace::FxHasher;
+use super::Scope;
+use crate::fxhash::FxMap;
 
 /// One owner's part of a recorded block: the bytes charged to it.
 #[derive(Clone, Copy, Debug)]
@@ -89,7 +87,7 @@ unsafe fn count_entry(owner: *const Scope, more: bool) {
     live.set(if more { live.get() + 1 } else { live.get() - 1 });
 }
 
-type Map = HashMap<usize, Owners, BuildHasherDefault<FxHasher>>;
+type Map = FxMap<usize, Owners>;
 
 /// The recorded blocks of one state's budgeted scopes. Single-threaded, like the state.
 #[derive(Default)]
