@@ -28,7 +28,8 @@ local function run(workload, mode, cpath)
 end
 
 local function sorted(xs)
-  local c = { table.unpack and table.unpack(xs) or unpack(xs) }
+  local c = {}
+  for i, x in ipairs(xs) do c[i] = x end
   table.sort(c)
   return c
 end
