@@ -422,8 +422,19 @@ local cpcall = core.cpcall
 local JIT_HELD_BY_TRACE, JIT_HELD_BY_CHECK = 2, 4
 local jit_hold = core.jit_hold
 
+-- Checks running now (mem.is_neutral, mem.measure): one may run inside another's function, and
+-- only the outermost gives the compiler back.
+local checks_running = 0
+
+local function hold_for_check()
+  checks_running = checks_running + 1
+  jit_hold(JIT_HELD_BY_CHECK, true)
+  if jit_flush and jit_can_switch() then jit_flush() end
+end
+
 local function release_check(ok, ...)
-  jit_hold(JIT_HELD_BY_CHECK, false)
+  checks_running = checks_running - 1
+  if checks_running == 0 then jit_hold(JIT_HELD_BY_CHECK, false) end
   if not ok then error((...), 0) end
   return ...
 end
@@ -434,8 +445,7 @@ local function judge_without_jit(fn, opts, fname)
     local ok, report = judge(fn, opts, fname, 3)
     return ok, report
   end
-  jit_hold(JIT_HELD_BY_CHECK, true)
-  if jit_can_switch() then jit_flush() end
+  hold_for_check()
   local ok, report = release_check(cpcall(judge, fn, opts, fname, 4))
   return ok, report
 end
@@ -547,6 +557,106 @@ else
     local name, on_exit, arena, limit, at = prepare(a, (...))
     if at == 1 then return scope_with(name, on_exit, arena, limit, a, ...) end
     return scope_with(name, on_exit, arena, limit, ...)
+  end
+end
+
+-- Exact per-call figures (mem.measure) ---------------------------------------------------------
+
+-- mem.measure([opts,] fn, ...): the figures of one call of fn(...), made after `warmup` calls.
+--
+-- The call runs in a scope of its own, and its figures are the scope's: every block allocated,
+-- freed or resized while it runs. Memory is settled first (full collections until nothing more
+-- is freed), so the collector has no garbage of before the call to free during it, and starts
+-- it in the same state on every run of the program. A second settle after the call, read at
+-- the same call site as the first (live memory includes this thread's stack), gives
+-- `retained_bytes`: what the call left reachable. On LuaJIT the compiler is held off and its
+-- traces flushed while this runs, as for mem.is_neutral (the trace recorder allocates when code
+-- gets hot: the JIT's memory, at moments that vary), and given back whatever happens; `fn` runs
+-- through C (core.cpcall), so it cannot yield with the compiler held.
+do
+  local MEASURE_OPTS = { warmup = true }
+  local DEFAULT_MEASURE_WARMUP = 1
+  local scope = M.scope
+
+  -- The measured scope's stats, from its on_exit: one function for every call, which allocates
+  -- nothing per call (a nested measure's scope closes before its caller reads this).
+  local closed_stats
+  local function keep_stats(stats) closed_stats = stats end
+  local function nothing() end
+
+  -- Every call of `fn` runs here, in a scope: the warm-up calls grow the thread's stack as the
+  -- measured call does (LuaJIT keeps a stack that grew unless it is mostly unused, so a first
+  -- reading with a smaller stack would find the measured call "retaining" the growth). A frame
+  -- of its own: the results the call leaves in its slots are not seen by the readings.
+  local function call_in_scope(scope_opts, fn, ...)
+    scope(scope_opts, fn, ...)
+  end
+
+  -- The figures of the scope just closed, as numbers: its stats table is garbage before the
+  -- second reading (not in a slot of the reading's frame).
+  local function take_figures()
+    local stats = closed_stats
+    closed_stats = nil
+    return stats.allocs, stats.frees, stats.reallocs, stats.bytes_allocated, stats.bytes_freed,
+      stats.net_bytes, stats.peak_bytes
+  end
+
+  local function measure_call(warmup, fn, ...)
+    -- Made before the first reading and alive until the second: not the call's.
+    local scope_opts = { name = default_name(fn), on_exit = keep_stats }
+    -- (so is the running coroutine's record of its scopes, made by its first scope)
+    call_in_scope(scope_opts, nothing)
+    closed_stats = nil
+    -- Warm-up calls settle too, so that they meet the state the measured call meets.
+    for _ = 1, warmup do
+      call_in_scope(scope_opts, fn, ...)
+      closed_stats = nil
+      settle()
+    end
+    local allocs, frees, reallocs, allocated, freed, net, peak
+    local before, retained = 0, 0
+    -- (i = -1: a settle at the reading's call site first; a collection shrinks the stack and,
+    -- on 5.3, the call records, by what is in use where it runs, which was the warm-up loop's)
+    for i = -1, 1 do
+      if i == 1 then
+        call_in_scope(scope_opts, fn, ...)
+        allocs, frees, reallocs, allocated, freed, net, peak = take_figures()
+      end
+      local bytes = settle()
+      if i == 1 then retained = bytes - before end
+      before = bytes
+    end
+    return {
+      allocs = allocs, frees = frees, reallocs = reallocs,
+      allocated_bytes = allocated, bytes_allocated = allocated,
+      freed_bytes = freed, bytes_freed = freed,
+      net_bytes = net, peak_bytes = peak, retained_bytes = retained,
+    }
+  end
+
+  local function measure_checked(warmup, fn, ...)
+    hold_for_check()
+    local figures = release_check(cpcall(measure_call, warmup, fn, ...))
+    closed_stats = nil -- (set when fn raised)
+    return figures
+  end
+
+  -- (No tail calls: argument errors name the caller's line by counting levels.)
+  function M.measure(a, ...)
+    local figures
+    if type(a) == "table" and not is_callable(a) then
+      check_opts(a, 1, "measure", MEASURE_OPTS, 2)
+      local fn = (...)
+      if not is_callable(fn) then
+        argerror(2, "measure", "function expected, got " .. typename(fn), 2)
+      end
+      figures = measure_checked(a.warmup or DEFAULT_MEASURE_WARMUP, ...)
+    elseif is_callable(a) then
+      figures = measure_checked(DEFAULT_MEASURE_WARMUP, a, ...)
+    else
+      argerror(1, "measure", "function or table expected, got " .. typename(a), 2)
+    end
+    return figures
   end
 end
 
