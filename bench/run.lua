@@ -4,7 +4,8 @@
 -- then the peak RSS of the request loops in each mode against the bare run's. `*` marks the
 -- default allocator. The request loops (handler, retain16, retain256) keep each response for
 -- the next 1, 16 or 256 requests; luacheck (a real program: Debian's luacheck over this
--- repository's Lua files, each file a request) runs traced too. The best of several runs is
+-- repository's Lua files, each file a request) runs traced too, and each request loop with
+-- mem.metrics on (the `metrics` line: its time against scopes alone). The best of several runs is
 -- the estimate least disturbed by a shared, noisy machine (the noise only ever adds time); the
 -- median shows how noisy it was.
 -- Compare ratios, not seconds.
@@ -27,6 +28,7 @@ local MODES = {
   mimalloc = { "track", "LUNET_MEM_ALLOCATOR=mimalloc " },
   scope = { "scope", "" },
   arena = { "arena", "" },
+  metrics = { "metrics", "" },
   sampled = { "trace-sampled", "" },
   trace = { "trace", "" },
 }
@@ -64,13 +66,14 @@ print(("%-8s %-9s %9s  %-13s %-13s %-13s %-13s"):format("", "", "best",
   "best  median", "best  median", "best  median", "best  median"))
 local rss_rows = {}
 for _, workload in ipairs(workloads) do
-  local times = { bare = {}, host = {}, mimalloc = {}, scope = {}, arena = {}, sampled = {},
-    trace = {} }
+  local times = { bare = {}, host = {}, mimalloc = {}, scope = {}, arena = {}, metrics = {},
+    sampled = {}, trace = {} }
   local rss = {}
   local modes = { "bare", "host", "mimalloc" }
   if requests[workload] then
     modes[#modes + 1] = "scope"
     modes[#modes + 1] = "arena"
+    modes[#modes + 1] = "metrics"
   end
   if traced[workload] then
     modes[#modes + 1] = "sampled"
@@ -102,6 +105,9 @@ for _, workload in ipairs(workloads) do
       median(times.trace) / bare_median))
   end
   if requests[workload] then
+    print(("%-8s %-9s %9s  mem.metrics on, against scopes alone: best %5.3f, median %5.3f"):format(
+      interpreter, workload, "", best(times.metrics) / best(times.scope),
+      median(times.metrics) / median(times.scope)))
     rss_rows[#rss_rows + 1] = ("%-8s %-9s %6d KiB  %-13.3f %-13.3f %-13.3f %-13.3f"):format(
       interpreter, workload, rss.bare, rss.host / rss.bare, rss.mimalloc / rss.bare,
       rss.scope / rss.bare, rss.arena / rss.bare)

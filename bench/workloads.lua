@@ -3,7 +3,9 @@
 --             for the next 16 or 256 requests) | luacheck (Debian's luacheck, a real Lua
 --             program, checking this repository's Lua files N times, each file a request)
 --   MODE:     bare (no module) | track (module loaded) | scope (module, a scope per request)
---             | arena (module, an arena scope per request) | trace (module, mem.trace.start())
+--             | arena (module, an arena scope per request) | metrics (scope, with
+--             mem.metrics.enable(): each scope's figures aggregated when it closes)
+--             | trace (module, mem.trace.start())
 --             | trace-sampled (mem.trace.start{sample_bytes = $LUNET_MEM_SAMPLE_BYTES or
 --             524288}) | interp (bare, LuaJIT's compiler off)
 --   (LUNET_MEM_ALLOCATOR=host|mimalloc in the environment picks where new blocks come from)
@@ -13,7 +15,11 @@ local workload, mode, n = arg[1], arg[2], tonumber(arg[3])
 local mem
 if mode ~= "bare" and mode ~= "interp" then mem = require "lunet.mem" end
 if mode == "interp" and rawget(_G, "jit") then jit.off() end
-if mode == "trace" then
+-- (metrics: the scope mode plus the aggregation at each close)
+local scoped = mode == "scope" or mode == "metrics"
+if mode == "metrics" then
+  mem.metrics.enable()
+elseif mode == "trace" then
   mem.trace.start()
 elseif mode == "trace-sampled" then
   mem.trace.start({ sample_bytes = tonumber(os.getenv("LUNET_MEM_SAMPLE_BYTES") or "524288") })
@@ -50,7 +56,7 @@ local handler, raw = dofile("bench/handler.lua")
 local ARENA = { name = "GET /users", arena = true }
 local function serve(iterations, keep)
   local ring = {}
-  if mode == "scope" then
+  if scoped then
     for i = 1, iterations do ring[i % keep + 1] = mem.scope("GET /users", handler, raw) end
   elseif mode == "arena" then
     for i = 1, iterations do ring[i % keep + 1] = mem.scope(ARENA, handler, raw) end
@@ -84,7 +90,7 @@ if workload == "luacheck" then
     for _ = 1, passes do
       for i, src in ipairs(sources) do
         local report
-        if mode == "scope" then
+        if scoped then
           report = mem.scope(names[i], check, src)
         elseif mode == "arena" then
           report = mem.scope({ name = names[i], arena = true }, check, src)

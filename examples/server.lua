@@ -9,8 +9,10 @@
 -- loads the module but opens no scope; `bare` does not load it (bench/server.sh compares them).
 --
 -- Routes: /users (clean), /leak (keeps a table per request), /big (over its budget: 500),
--- /stats (text report), /quit (answers, prints the final report on stdout, stops the loop).
--- tests/server.sh drives it with wrk and checks the final report.
+-- /stats (text report), /metrics (mem.metrics.text(), for Prometheus; not in bare mode),
+-- /quit (answers, prints the final report on stdout, stops the loop).
+-- tests/server.sh drives it with wrk and checks the final report; tests/prometheus.sh has a
+-- real Prometheus scrape /metrics and compares what it stored with /stats.
 local uv = require "luv"
 
 local PORT = tonumber(arg and arg[1] or "0") or 0
@@ -108,6 +110,8 @@ if jit and SCOPES then jit.off(big, true) end
 local KEPT_STRINGS = {} -- see keep_strings() below
 local routes, route_list = {}, {}
 local counts = {}        -- requests by route name
+local closed = {}        -- scopes closed by route name, and their bytes_allocated summed (on_exit)
+local allocated = {}
 local users_figures = {  -- allocs and allocated_bytes of each /users request, arena mode
   phase = "warmup",      -- "warmup", "reference", then "serving"
   ref_allocs = -1, ref_bytes = -1,
@@ -119,6 +123,8 @@ local users_figures = {  -- allocs and allocated_bytes of each /users request, a
 -- the scope closes.
 local function record(stats)
   local name = stats.name
+  closed[name] = closed[name] + 1
+  allocated[name] = allocated[name] + stats.bytes_allocated
   if name ~= "GET /users" then return end
   local f, allocs, bytes = users_figures, stats.allocs, stats.allocated_bytes
   if f.phase == "reference" then
@@ -173,6 +179,12 @@ local function stats_text()
     out[#out + 1] = format("requests %s %d\n", r.name, counts[r.name])
   end
   if SCOPES then
+    for _, r in ipairs(route_list) do
+      out[#out + 1] = format("closed %s scopes=%d allocated_bytes=%d\n", r.name, closed[r.name],
+        allocated[r.name])
+    end
+  end
+  if SCOPES then
     local f = users_figures
     out[#out + 1] = format("users reference allocs=%d allocated_bytes=%d\n", f.ref_allocs, f.ref_bytes)
     if f.max_allocs >= 0 then
@@ -187,6 +199,7 @@ end
 
 local function stats(_) return 200, stats_text() end
 local function quit(_) return 200, "bye\n" end
+local function metrics(_) return 200, mem.metrics.text() end
 
 -- Routes: the arena ones get a scope with an arena and a budget; /stats and /quit a plain scope
 -- (their full collections and reports are not what is measured).
@@ -200,12 +213,14 @@ local function route(path, handler, arena)
   routes[name] = r
   route_list[#route_list + 1] = r
   counts[name] = 0
+  closed[name], allocated[name] = 0, 0
 end
 route("/users", users, true)
 route("/leak", leak, true)
 route("/big", big, true)
 route("/stats", stats, false)
 route("/quit", quit, false)
+if mem then route("/metrics", metrics, false) end
 
 -- Requests ---------------------------------------------------------------------------------------
 
@@ -239,6 +254,14 @@ local function collect_between_requests()
   gc_next = collectgarbage("count") + GC_STEP_KIB
 end
 
+-- Closes a connection's timer. A request whose client went away while it waited for its timer
+-- finishes all the same (respond drops its answer): its scope closes as every other, and its
+-- on_exit runs (tests/prometheus.sh counts them).
+local function close_timer(conn)
+  conn.timer:stop()
+  if not conn.timer:is_closing() then conn.timer:close() end
+end
+
 -- Resumes the request of `conn` (conn.co); when it waits, starts conn.timer; when it is done,
 -- calls conn.finish(conn, req, status, body).
 local function step(conn, ...)
@@ -249,6 +272,7 @@ local function step(conn, ...)
     return
   end
   conn.co = nil
+  if conn.closed then close_timer(conn) end
   collect_between_requests()
   local req = conn.req
   if not resumed then -- a bug of the server's own
@@ -286,11 +310,11 @@ local function close_conn(conn)
   if conn.closed then return end
   conn.closed = true
   conns[conn] = nil
-  conn.timer:stop()
-  if not conn.timer:is_closing() then conn.timer:close() end
+  if not conn.co or stopping then close_timer(conn) end
   if not conn.client:is_closing() then conn.client:close() end
 end
 
+local METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 local REASONS = { [200] = "OK", [400] = "Bad Request", [404] = "Not Found",
   [500] = "Internal Server Error" }
 
@@ -315,8 +339,9 @@ end
 local function respond(conn, req, status, body)
   if conn.closed then return end -- the client went away while the request ran
   local close = req.close or stopping
-  local head = format("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-    .. "X-Route: %s\r\n%s\r\n", status, REASONS[status] or "Unknown", #body, req.path,
+  local head = format("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+    .. "X-Route: %s\r\n%s\r\n", status, REASONS[status] or "Unknown",
+    req.path == "/metrics" and METRICS_TYPE or "text/plain", #body, req.path,
     close and "Connection: close\r\n" or "")
   local quitting = req.path == "/quit" and status == 200
   conn.client:write({ head, body }, function()
@@ -396,7 +421,11 @@ if SCOPES then
   run_alone(1)
   users_figures.phase = "serving"
   counts["GET /users"] = 0
+  closed["GET /users"], allocated["GET /users"] = 0, 0
 end
+-- Per-route aggregates in Prometheus's text format at /metrics, from here on (the warm-up
+-- above is not served).
+if mem then mem.metrics.enable() end
 
 assert(server:bind("127.0.0.1", PORT))
 assert(server:listen(128, on_connection))

@@ -4,7 +4,9 @@
 # Installs what it needs (scripts/setup.sh), then runs: cargo fmt, clippy for every Lua
 # feature, luacheck, the Rust tests on mlua's vendored LuaJIT and Lua 5.4, `luarocks make` and
 # the busted specs on luajit, lua5.1, lua5.3 and lua5.4, and on each the examples, a 10^5-request
-# soak, lua_close with live arenas, the luv server under wrk (tests/server.sh), the upstream test
+# soak, lua_close with live arenas, the luv server under wrk (tests/server.sh) and
+# scraped by a real Prometheus (tests/prometheus.sh), heap profiles read by `go tool pprof`
+# (tests/pprof.sh), the upstream test
 # suites in every mode (scripts/conformance.sh) and the seeded fuzzer (scripts/fuzz.sh,
 # LUNET_MEM_FUZZ_SEEDS seeds, 100 by default); the C API's
 # proof (scripts/c-tests.sh: plain, ASan, valgrind, misuse); the Lua 5.4 specs and lua_close
@@ -118,6 +120,14 @@ for lua in "${interpreters[@]}"; do
   log="$log_dir/server-$lua.log"
   bash tests/server.sh "$lua" >"$log" 2>&1
   count "server under wrk ($lua)" "$(grep -c '^ok - ' "$log")" "$(grep -c '^not ok - ' "$log")" "$log"
+  log="$log_dir/prometheus-$lua.log"
+  bash tests/prometheus.sh "$lua" >"$log" 2>&1
+  read -r p f < <(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$log" | tail -n 1)
+  count "mem.metrics scraped by a real Prometheus ($lua)" "${p:-0}" "${f:-1}" "$log"
+  log="$log_dir/pprof-$lua.log"
+  (eval "$env_line"; bash tests/pprof.sh "$lua") >"$log" 2>&1
+  read -r p f < <(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$log" | tail -n 1)
+  count "snap:pprof read by go tool pprof ($lua)" "${p:-0}" "${f:-1}" "$log"
   # The upstream suites (../shared/suites, or $LUNET_MEM_SUITES) in every mode; an interpreter
   # with no suite here (5.1) is covered by the fuzzer.
   log="$log_dir/conformance-$lua.log"

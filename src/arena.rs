@@ -253,6 +253,14 @@ pub struct ArenaInfo {
     pub age: Option<u64>,
 }
 
+impl ArenaInfo {
+    /// Pinned: a whole GC cycle began and ended after its scope did (age >= 2), and objects
+    /// the scope made are still alive.
+    pub fn pinned(&self) -> bool {
+        self.age.is_some_and(|age| age >= 2) && self.live_objects > 0
+    }
+}
+
 /// What [`ArenaSet::free`] read of a freed block's arena before counting the free.
 #[derive(Clone, Copy)]
 pub struct FreedFrom {

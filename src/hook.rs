@@ -16,6 +16,7 @@ use mlua::ffi;
 use mlua::ffi::lua_State;
 
 use crate::arena::{self, ArenaSet};
+use crate::metrics::Metrics;
 use crate::scope::{Ledger, Scope};
 use crate::trace::Trace;
 
@@ -145,6 +146,9 @@ pub struct Tracker {
     /// lauxlib's string buffers (`crate::auxbuf`), counted apart from Lua's memory.
     #[cfg(aux_buffers)]
     pub aux: crate::auxbuf::AuxBuffers,
+    /// `mem.metrics` (see `crate::metrics`). Declared after `active_owner`, whose scope may
+    /// report to it when it is dropped.
+    pub metrics: Metrics,
     /// What budgeted scopes keep (see `src/scope/ledger.rs`). Declared after `active_owner`,
     /// whose scope may have entries in it.
     pub ledger: Ledger,
@@ -204,6 +208,7 @@ impl Tracker {
             jit_compiling: Cell::new(false),
             #[cfg(aux_buffers)]
             aux: Default::default(),
+            metrics: Default::default(),
             ledger: Default::default(),
             arenas: ArenaSet::with_clock(gc_cycles.clone()),
             gc_cycles,
@@ -784,6 +789,8 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         }
         let charged = tracker.admits(scope, nsize, defer);
         if !charged && !tracker.collector_in_finalizer() {
+            // SAFETY: the live active scope.
+            unsafe { Scope::count_refusal(scope) };
             return ptr::null_mut();
         }
         // SAFETY: forwarded contract; `scope` is the live active scope.
@@ -806,6 +813,8 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         && (tracker.may_refuse_growth(block) || !tracker.overdraw(scope))
     {
         if !tracker.collector_in_finalizer() {
+            // SAFETY: the live active scope.
+            unsafe { Scope::count_refusal(scope) };
             return ptr::null_mut();
         }
         charge = ptr::null(); // (see `collector_in_finalizer`)
@@ -857,8 +866,17 @@ pub(crate) unsafe fn traced<const MIMALLOC: bool>(
             let vm = t.vm.get();
             #[cfg(not(feature = "luajit"))]
             let vm = ();
+            // (the scope a sample is labelled with in a profile: the active one, named by
+            // reference; only a recorded block interns it)
+            let scope = t.active.get();
+            let scope_name = if scope.is_null() {
+                None
+            } else {
+                // SAFETY: the active scope, kept alive by `active_owner`.
+                Some(&(*scope).name)
+            };
             let site = if nsize > 0 {
-                t.trace.before_new(nsize, vm)
+                t.trace.before_new(nsize, vm, scope_name)
             } else {
                 None
             };

@@ -16,6 +16,7 @@ mod fxhash;
 mod hook;
 #[cfg(feature = "luajit")]
 mod luajit;
+mod metrics;
 mod scope;
 mod state;
 mod trace;

@@ -17,6 +17,7 @@ mod ledger;
 pub use ledger::Ledger;
 
 use crate::arena::{Arena, ArenaSet, FreedFrom};
+use crate::metrics::{Metrics, ScopeFigures};
 
 /// One scope and its counters (see the `scope:stats()` fields in the README).
 pub struct Scope {
@@ -36,6 +37,13 @@ pub struct Scope {
     /// counts for the scope (it runs alongside the scope's own code, whose allocations cannot be
     /// told apart), so a request with `jit_traces > 0` may count more than a run alone.
     pub jit_traces: Cell<u64>,
+    /// Allocations a budget refused (or, on LuaJIT, whose memory error was raised later) while
+    /// this scope or one opened inside it was active.
+    pub budget_refusals: Cell<u64>,
+    /// The state's metrics if they were on when the scope became active: its figures go there
+    /// when it closes. Else null. Invariant: the metrics outlive the scope (a field of the
+    /// tracker).
+    metrics: Cell<*const Metrics>,
     /// The scope that was active when this one was opened: counts roll up to it.
     parent: Option<Rc<Scope>>,
     /// `parent` as a raw pointer for the allocation hook. Invariant: equal to `parent`'s pointer
@@ -155,6 +163,8 @@ impl Scope {
             peak_bytes: Cell::new(0),
             closed: Cell::new(false),
             jit_traces: Cell::new(0),
+            budget_refusals: Cell::new(0),
+            metrics: Cell::new(ptr::null()),
             parent,
             parent_ptr,
             arena,
@@ -309,11 +319,40 @@ impl Scope {
         self.counted_in.set(open);
     }
 
+    /// Counts the scope in `metrics` when it closes.
+    ///
+    /// # Safety
+    /// `metrics` outlives the scope.
+    pub unsafe fn report_to(&self, metrics: &Metrics) {
+        self.metrics.set(metrics);
+    }
+
+    /// A budget refused an allocation while `scope` was active: counts it for `scope` and the
+    /// open scopes it was opened in.
+    ///
+    /// # Safety
+    /// As for [`Scope::walk`].
+    #[cold]
+    pub unsafe fn count_refusal(scope: *const Scope) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            Scope::walk(scope, |s| {
+                s.budget_refusals.set(s.budget_refusals.get() + 1)
+            })
+        }
+    }
+
     /// Ends the scope: its counters stop, and its own arena takes no more blocks (it is
-    /// reclaimed once the collector has freed every block in it). Once.
+    /// reclaimed once the collector has freed every block in it); its figures go to the
+    /// metrics it reports to. Once.
     pub fn close(&self) {
         if self.closed.replace(true) {
             return;
+        }
+        let metrics = self.metrics.replace(ptr::null());
+        if !metrics.is_null() {
+            // SAFETY: the metrics outlive the scope (see `metrics`).
+            unsafe { (*metrics).record(&self.name, self.figures()) };
         }
         let ledger = self.ledger.replace(ptr::null());
         if !ledger.is_null() {
@@ -332,6 +371,16 @@ impl Scope {
         if self.owns_arena {
             // SAFETY: the scope is a user of its arena.
             unsafe { Arena::end(self.arena) };
+        }
+    }
+
+    /// What the metrics aggregate of the scope.
+    fn figures(&self) -> ScopeFigures {
+        ScopeFigures {
+            bytes_allocated: self.bytes_allocated.get(),
+            retained_bytes: self.net_bytes.get(),
+            peak_bytes: self.peak_bytes.get(),
+            budget_refusals: self.budget_refusals.get(),
         }
     }
 

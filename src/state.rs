@@ -525,6 +525,7 @@ unsafe extern "C-unwind" fn budget_hook(L: *mut lua_State, ar: *mut ffi::lua_Deb
         }
         t.budget_hook.disarm(L);
         (*scope).raise_pending.set(false);
+        crate::scope::Scope::count_refusal(scope);
         ffi::lua_pushstring(L, c"not enough memory".as_ptr());
         ffi::lua_error(L);
     }

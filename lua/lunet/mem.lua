@@ -873,10 +873,82 @@ do
     return core.trace_flamegraph(s, path, opts and opts.title or "")
   end
 
+  -- Writes a gzipped pprof heap profile (profile.proto) with a `scope` label per sample: true,
+  -- or nil and a message.
+  function SNAP.pprof(s, path)
+    check_snap(s, "pprof")
+    check_path(path, "pprof")
+    return core.trace_pprof(s, path)
+  end
+
   local snap_mt = core.trace_snapshot_mt
   snap_mt.__index = SNAP
   snap_mt.__tostring = function() return "snapshot" end
   M.trace = trace
+end
+
+
+-- Metrics (mem.metrics; src/metrics.rs) ----------------------------------------------------------
+
+do
+  local METRICS_OPTS = { max_scopes = true, buckets = true }
+  local MAX_BUCKETS = 64
+  KINDS.max_scopes = integer_in(1, MAX_COUNT)
+  -- An array of 1 to MAX_BUCKETS strictly increasing integers (bytes).
+  KINDS.buckets = function(v)
+    local expected = format("array of 1 to %d increasing integers", MAX_BUCKETS)
+    if type(v) ~= "table" then return expected end
+    local n = 0
+    for k in fields(v) do
+      if type(k) ~= "number" or k < 1 or floor(k) ~= k then
+        return expected, format("key '%s'", key_name(k))
+      end
+      n = n + 1
+    end
+    if n == 0 or n > MAX_BUCKETS then return expected, format("%d bounds", n) end
+    for i = 1, n do
+      local b = v[i]
+      if b == nil then return expected, format("a hole at %d", i) end
+      if integer_in(-2 ^ 53, 2 ^ 53)(b) then
+        return expected, format("bound %d = %s", i, type(b) == "number" and tostring(b) or typename(b))
+      end
+      if i > 1 and b <= v[i - 1] then
+        return expected, format("bound %d = %s after %s", i, tostring(b), tostring(v[i - 1]))
+      end
+    end
+  end
+
+  local function no_argument(fname, ...)
+    if select("#", ...) > 0 then
+      argerror(1, fname, "no argument expected, got " .. typename((...)), 3)
+    end
+  end
+
+  local metrics = {}
+  -- Aggregates by scope name from now on, as scopes close (see the README); enabling again
+  -- starts over with the new options.
+  function metrics.enable(opts)
+    check_opts(opts, 1, "enable", METRICS_OPTS, 2)
+    core.metrics_enable(opts and opts.max_scopes, opts and opts.buckets)
+  end
+
+  function metrics.disable(...)
+    no_argument("disable", ...)
+    core.metrics_disable()
+  end
+
+  function metrics.reset(...)
+    no_argument("reset", ...)
+    core.metrics_reset()
+  end
+
+  -- The Prometheus text exposition (format 0.0.4) of the state's totals and the aggregates.
+  function metrics.text(...)
+    no_argument("text", ...)
+    return core.metrics_text()
+  end
+
+  M.metrics = metrics
 end
 
 return M

@@ -77,8 +77,7 @@ unsafe fn push_arena_list(L: *mut lua_State, list: &[arena::ArenaInfo]) {
             set_int(L, c"age", a.age.unwrap_or(0) as i64);
             ffi::lua_pushboolean(L, a.age.is_none() as c_int);
             ffi::lua_setfield(L, -2, c"running".as_ptr());
-            let pinned = a.age.is_some_and(|age| age >= 2) && a.live_objects > 0;
-            ffi::lua_pushboolean(L, pinned as c_int);
+            ffi::lua_pushboolean(L, a.pinned() as c_int);
             ffi::lua_setfield(L, -2, c"pinned".as_ptr());
             ffi::lua_rawseti(L, -2, (i + 1) as _);
         }

@@ -12,7 +12,7 @@ use super::errors::rethrow;
 use super::register;
 use super::scopes::{close_scope, make_scope, push_scope, thread_scopes};
 use crate::hook::Tracker;
-use crate::scope::Guard;
+use crate::scope::{Guard, Scope};
 
 /// Adds `fail_run` to the `core` table on top.
 ///
@@ -49,6 +49,7 @@ unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
         let mut status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
         // (an allocation admitted past the allowance where failing was unsafe: the run fails)
         if (*token).fails_overdrawn() && status == ffi::LUA_OK {
+            Scope::count_refusal(token);
             ffi::lua_settop(L, 1);
             ffi::lua_pushstring(L, c"not enough memory".as_ptr());
             status = ffi::LUA_ERRMEM;

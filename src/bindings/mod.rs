@@ -17,6 +17,7 @@ mod checkpoints;
 pub mod coroutines;
 mod errors;
 mod jit;
+mod metrics;
 #[cfg(c_scope)]
 mod scope_c;
 #[cfg(not(c_scope))]
@@ -86,6 +87,7 @@ pub unsafe fn push_core(L: *mut lua_State) {
         #[cfg(not(c_scope))]
         scope_lua::open(L);
         jit::open(L);
+        metrics::open(L);
         tracing::open(L);
         coroutines::open(L);
         ffi::lua_pushvalue(L, saved);

@@ -99,6 +99,9 @@ unsafe extern "C-unwind" fn l_scope_close_ok(L: *mut lua_State) -> c_int {
             if ts.stack.iter().any(|s| Rc::as_ptr(s) == token) {
                 // (read while it is open: its chain's budgets)
                 overdrawn = (*token).fails_overdrawn();
+                if overdrawn {
+                    Scope::count_refusal(token);
+                }
             }
             if let Some(scope) = pop_scope(t, ts, token) {
                 ts.closed = Some(scope);

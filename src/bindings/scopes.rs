@@ -216,6 +216,10 @@ pub(super) unsafe fn push_scope(
         ts.base = scope.parent().cloned();
     }
     let token = Rc::as_ptr(&scope);
+    if t.metrics.is_on() {
+        // SAFETY: the tracker, and its metrics, outlive every scope of its state.
+        unsafe { scope.report_to(&t.metrics) };
+    }
     ts.stack.push(scope.clone());
     t.set_active_scope(Some(scope));
     token
@@ -356,10 +360,11 @@ pub(super) unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
         (c"peak_bytes", scope.peak_bytes.get()),
         (c"jit_traces", scope.jit_traces.get() as i64),
         (c"kept_bytes", scope.kept_bytes.get()),
+        (c"budget_refusals", scope.budget_refusals.get() as i64),
     ];
     // SAFETY: valid state.
     unsafe {
-        ffi::lua_createtable(L, 0, 13);
+        ffi::lua_createtable(L, 0, 14);
         for (key, value) in counters {
             set_int(L, key, value);
         }

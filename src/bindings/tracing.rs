@@ -225,9 +225,17 @@ unsafe fn push_stats(L: *mut lua_State, stats: &[Stat], key: Key) {
     }
 }
 
-/// `core.trace_dump(snap, path)` / `core.trace_flamegraph(snap, path, title)`: true, or
-/// `nil, msg`.
-unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
+/// What `write_out` writes.
+#[derive(Clone, Copy)]
+enum Output {
+    Folded,
+    FlameGraph,
+    Pprof,
+}
+
+/// `core.trace_dump(snap, path)` / `core.trace_flamegraph(snap, path, title)` /
+/// `core.trace_pprof(snap, path)`: true, or `nil, msg`.
+unsafe fn write_out(L: *mut lua_State, output: Output) -> c_int {
     // SAFETY: called by Lua with a snapshot and strings (checked by mem.lua); the Rust strings
     // are dropped before anything can raise.
     unsafe {
@@ -235,16 +243,18 @@ unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
             return fail(L, "snapshot expected");
         };
         let path = to_string(L, 2).unwrap_or_default();
-        let result = if flame {
-            let title = to_string(L, 3).unwrap_or_default();
-            let title = if title.is_empty() {
-                "Live bytes by Lua stack".to_string()
-            } else {
-                title
-            };
-            snap.flamegraph(&path, &title)
-        } else {
-            snap.dump(&path)
+        let result = match output {
+            Output::FlameGraph => {
+                let title = to_string(L, 3).unwrap_or_default();
+                let title = if title.is_empty() {
+                    "Live bytes by Lua stack".to_string()
+                } else {
+                    title
+                };
+                snap.flamegraph(&path, &title)
+            }
+            Output::Folded => snap.dump(&path),
+            Output::Pprof => snap.pprof(&path),
         };
         let error = result.err().map(|e| format!("{path}: {e}"));
         drop(path);
@@ -266,13 +276,19 @@ unsafe fn write_out(L: *mut lua_State, flame: bool) -> c_int {
 
 unsafe extern "C-unwind" fn l_dump(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
-    unsafe { write_out(L, false) }
+    unsafe { write_out(L, Output::Folded) }
 }
 
 unsafe extern "C-unwind" fn l_flamegraph(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
-    unsafe { write_out(L, true) }
+    unsafe { write_out(L, Output::FlameGraph) }
 }
+
+unsafe extern "C-unwind" fn l_pprof(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe { write_out(L, Output::Pprof) }
+}
+
 /// `core.trace_site_of(v)`: the line that allocated the object `v` (a table, function or
 /// thread: `lua_topointer` gives their block), if tracing recorded it; else nil. The leak report
 /// uses it to name the allocating line of what a leaking function left alive.
@@ -322,6 +338,7 @@ pub(super) unsafe fn open(L: *mut lua_State) {
                 (c"trace_top", l_top),
                 (c"trace_dump", l_dump),
                 (c"trace_flamegraph", l_flamegraph),
+                (c"trace_pprof", l_pprof),
             ],
         );
         udata::new_metatable::<Snapshot>(L);

@@ -8,6 +8,8 @@ use super::record::Recorder;
 pub struct LiveBlock {
     pub size: usize,
     pub site: u32,
+    /// The scope active when the block was made ([`Recorder::scope_id`]; 0: none).
+    pub scope: u32,
 }
 
 /// Bits in [`Recorder::maybe`] (2^16: 8 KiB).
@@ -20,12 +22,12 @@ fn filter_bit(addr: usize) -> usize {
 }
 
 impl Recorder {
-    /// Records the new block `addr` of `size` bytes made at `site`.
+    /// Records the new block `addr` of `size` bytes made at `site` while `scope` was active.
     #[inline]
-    pub fn insert(&mut self, addr: usize, size: usize, site: u32) {
+    pub fn insert(&mut self, addr: usize, size: usize, site: u32, scope: u32) {
         let bit = filter_bit(addr);
         self.maybe[bit / 64] |= 1 << (bit % 64);
-        self.live.insert(addr, LiveBlock { size, site });
+        self.live.insert(addr, LiveBlock { size, site, scope });
     }
 
     /// Whether `addr` may be recorded (false: surely not).
@@ -55,7 +57,7 @@ impl Recorder {
                 b.size = size;
             }
         } else if let Some(b) = self.live.remove(&old) {
-            self.insert(new, size, b.site);
+            self.insert(new, size, b.site, b.scope);
         }
     }
 

@@ -47,11 +47,12 @@
 //! back. The records live in Rust memory (mimalloc, the global allocator), never in Lua's.
 //!
 //! Files: `record.rs` (frames and sites: what the hook reads of a stack), `live.rs` (the map of
-//! live recorded blocks), `snapshot.rs` (copies grouped by site), `render.rs` (labels, folded
-//! stacks, flame graphs), `tracer.rs` (the tracer in the tracker). The traced hook that feeds it
+//! live recorded blocks), `snapshot.rs` (copies grouped by site and scope), `render.rs` (labels,
+//! folded stacks, flame graphs), `pprof.rs` (heap profiles in pprof's format), `tracer.rs` (the tracer in the tracker). The traced hook that feeds it
 //! is `crate::hook::traced`; the Lua functions are in `src/bindings/tracing.rs`.
 
 mod live;
+mod pprof;
 mod record;
 mod render;
 mod snapshot;
@@ -109,8 +110,8 @@ mod tests {
                 match op {
                     Op::Alloc(a, site) => {
                         if model.contains_key(&a) { continue; } // an address is live once
-                        rec.insert(a, 32, site);
-                        model.insert(a, LiveBlock { size: 32, site });
+                        rec.insert(a, 32, site, site % 2);
+                        model.insert(a, LiveBlock { size: 32, site, scope: site % 2 });
                     }
                     Op::Free(a) => {
                         prop_assert_eq!(rec.remove(a), model.remove(&a));
@@ -119,7 +120,7 @@ mod tests {
                         if a != b && model.contains_key(&b) { continue; }
                         rec.moved(a, b, n);
                         if let Some(old) = model.remove(&a) {
-                            model.insert(b, LiveBlock { size: n, site: old.site });
+                            model.insert(b, LiveBlock { size: n, ..old });
                         }
                     }
                 }
@@ -145,7 +146,7 @@ mod tests {
         let site = rec.special_site("x");
         for i in 0..n {
             if rec.sample(64) {
-                rec.insert(i * 16 + 16, 64, site);
+                rec.insert(i * 16 + 16, 64, site, 0);
             }
         }
         let snap = rec.snapshot();
@@ -180,9 +181,9 @@ mod tests {
         });
         let s1 = rec.site_id(&[0, 2]);
         let s2 = rec.site_id(&[1, 2]);
-        rec.insert(16, 100, s1);
-        rec.insert(32, 300, s2);
-        rec.insert(48, 100, s2);
+        rec.insert(16, 100, s1, 0);
+        rec.insert(32, 300, s2, 1);
+        rec.insert(48, 100, s2, 2);
         let snap = rec.snapshot();
         let lines = snap.top(Key::Line);
         assert_eq!(lines[0].site, "a.lua:4");

@@ -1,6 +1,7 @@
 //! Frames and sites: what the traced hook reads of the running thread's stack.
 
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use mlua::ffi;
 
@@ -58,6 +59,13 @@ pub struct Recorder {
     pub(super) frames: Vec<Frame>,
     pub(super) site_ids: FxMap<Box<[u32]>, u32>,
     pub(super) sites: Vec<Box<[u32]>>,
+    /// Names of the scopes blocks were made in, interned: scope id `i` is `scope_names[i - 1]`
+    /// (id 0: no scope).
+    pub(super) scope_names: Vec<Rc<str>>,
+    scope_ids: FxMap<Rc<str>, u32>,
+    /// The last name looked up and its id: a request's blocks skip the hash (compared by
+    /// pointer; the clone keeps the name's address from being reused).
+    last_scope: Option<(Rc<str>, u32)>,
     /// Recorded live blocks by address.
     pub(super) live: FxMap<usize, LiveBlock>,
     /// A filter of the addresses in `live`: a clear bit means "not recorded", so that the free of
@@ -77,6 +85,9 @@ impl Recorder {
             frames: Vec::new(),
             site_ids: FxMap::default(),
             sites: Vec::new(),
+            scope_names: Vec::new(),
+            scope_ids: FxMap::default(),
+            last_scope: None,
             live: FxMap::default(),
             maybe: vec![0u64; FILTER_BITS / 64].into_boxed_slice(),
         };
@@ -142,6 +153,29 @@ impl Recorder {
             }
         };
         self.site_id(&[frame])
+    }
+
+    /// The id of the scope named `name` (0 for none), made if new.
+    pub fn scope_id(&mut self, name: Option<&Rc<str>>) -> u32 {
+        let Some(name) = name else {
+            return 0;
+        };
+        if let Some((last, id)) = &self.last_scope {
+            if Rc::ptr_eq(last, name) {
+                return *id;
+            }
+        }
+        let id = match self.scope_ids.get(name) {
+            Some(&id) => id,
+            None => {
+                self.scope_names.push(name.clone());
+                let id = self.scope_names.len() as u32;
+                self.scope_ids.insert(name.clone(), id);
+                id
+            }
+        };
+        self.last_scope = Some((name.clone(), id));
+        id
     }
 
     /// The id of the site with these frames (leaf first), made if new.

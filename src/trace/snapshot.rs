@@ -6,37 +6,41 @@ use super::record::{Frame, Recorder};
 use super::FxMap;
 
 impl Recorder {
-    /// Live bytes and blocks by site, estimated (scaled up) when sampling.
+    /// Live bytes and blocks by site and scope, estimated (scaled up) when sampling.
     pub fn snapshot(&self) -> Snapshot {
-        let mut totals: FxMap<u32, (f64, f64)> = FxMap::default();
+        let mut totals: FxMap<(u32, u32), (f64, f64)> = FxMap::default();
         for b in self.live.values() {
             let w = Recorder::weight(self.sample_bytes, b.size);
-            let t = totals.entry(b.site).or_insert((0.0, 0.0));
+            let t = totals.entry((b.site, b.scope)).or_insert((0.0, 0.0));
             t.0 += w * b.size as f64;
             t.1 += w;
         }
         let mut sites: Vec<SiteTotal> = totals
             .into_iter()
-            .map(|(site, (bytes, blocks))| SiteTotal {
+            .map(|((site, scope), (bytes, blocks))| SiteTotal {
                 frames: self.sites[site as usize].clone(),
+                scope,
                 bytes,
                 blocks,
             })
             .collect();
-        sites.sort_by(|a, b| a.frames.cmp(&b.frames));
+        sites.sort_by(|a, b| a.frames.cmp(&b.frames).then(a.scope.cmp(&b.scope)));
         Snapshot {
             frames: self.frames.clone(),
+            scope_names: self.scope_names.iter().map(|n| Box::from(&**n)).collect(),
             sites,
             sample_bytes: self.sample_bytes,
         }
     }
 }
 
-/// The live bytes and blocks of one site in a snapshot.
+/// The live bytes and blocks of one site and scope in a snapshot.
 #[derive(Clone, Debug)]
 pub struct SiteTotal {
     /// Frame ids, leaf first.
     pub frames: Box<[u32]>,
+    /// The scope the blocks were made in: an index into `Snapshot::scope_names` plus 1 (0: none).
+    pub scope: u32,
     pub bytes: f64,
     pub blocks: f64,
 }
@@ -45,6 +49,8 @@ pub struct SiteTotal {
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub frames: Vec<Frame>,
+    /// The names of the scopes `SiteTotal::scope` counts from 1.
+    pub scope_names: Vec<Box<str>>,
     pub sites: Vec<SiteTotal>,
     pub sample_bytes: u64,
 }
@@ -69,6 +75,12 @@ pub struct Stat {
 impl Snapshot {
     pub(super) fn frame(&self, id: u32) -> &Frame {
         &self.frames[id as usize]
+    }
+
+    /// The name of the scope `id` (`SiteTotal::scope`), if any.
+    pub(super) fn scope_name(&self, id: u32) -> Option<&str> {
+        let index = (id as usize).checked_sub(1)?;
+        self.scope_names.get(index).map(|n| &**n)
     }
 
     /// Live bytes and blocks grouped by `key`, biggest first (then most blocks, then by name).

@@ -5,6 +5,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::ffi::{c_void, CStr};
 use std::mem;
 use std::ptr;
+use std::rc::Rc;
 
 use mlua::ffi::{self, lua_State};
 
@@ -181,11 +182,17 @@ impl Trace {
         rec.site_id(&ids[..n])
     }
 
-    /// Before the hook serves a new block of `nsize` bytes: its site, if it is to be recorded.
+    /// Before the hook serves a new block of `nsize` bytes while the scope named `scope` is
+    /// active: its site and scope ids, if it is to be recorded.
     ///
     /// # Safety
     /// Called from the hook, before the block is served.
-    pub(crate) unsafe fn before_new(&self, nsize: usize, vm: Vm) -> Option<u32> {
+    pub(crate) unsafe fn before_new(
+        &self,
+        nsize: usize,
+        vm: Vm,
+        scope: Option<&Rc<str>>,
+    ) -> Option<(u32, u32)> {
         if self.paused.get() {
             return None;
         }
@@ -195,15 +202,16 @@ impl Trace {
             return None;
         }
         // SAFETY: forwarded.
-        Some(unsafe { self.capture(rec, vm) })
+        let site = unsafe { self.capture(rec, vm) };
+        Some((site, rec.scope_id(scope)))
     }
 
-    pub(crate) fn after_new(&self, block: *mut c_void, nsize: usize, site: u32) {
+    pub(crate) fn after_new(&self, block: *mut c_void, nsize: usize, (site, scope): (u32, u32)) {
         let Some(busy) = Busy::enter(&self.busy) else {
             return;
         };
         if let Some(rec) = self.recorder(&busy) {
-            rec.insert(block as usize, nsize, site);
+            rec.insert(block as usize, nsize, site, scope);
         }
     }
 

@@ -1,8 +1,8 @@
 -- The runner behind `lunet-mem run` (bin/lunet-mem): run as a script,
 --   lua run.lua [--sample-bytes N] [--depth N] [--flamegraph out.svg] [--dump out.folded]
---               [--top N] -- script.lua [args]
+--               [--pprof out.pb.gz] [--top N] -- script.lua [args]
 -- it starts mem.trace, runs the script with its own `arg` and `...`, then writes the report to
--- stderr (and the pictures), also when the script fails or calls os.exit.
+-- stderr (and the pictures, the pprof heap profile), also when the script fails or calls os.exit.
 local mem = require "lunet.mem"
 
 local function usage_error(msg)
@@ -29,6 +29,7 @@ while argv[i] and argv[i] ~= "--" do
   elseif name == "--depth" then opts.depth = integer(name, value, 1, 64)
   elseif name == "--flamegraph" then opts.flamegraph = value
   elseif name == "--dump" then opts.dump = value
+  elseif name == "--pprof" then opts.pprof = value
   elseif name == "--top" then opts.top = integer(name, value, 0, math.huge)
   else
     usage_error("unknown option " .. tostring(name))
@@ -82,6 +83,11 @@ local function report()
     local ok, msg = snap:dump(opts.dump)
     err:write(ok and ("lunet-mem: folded stacks written to %s\n"):format(opts.dump)
       or ("lunet-mem: no folded stacks: %s\n"):format(msg))
+  end
+  if opts.pprof then
+    local ok, msg = snap:pprof(opts.pprof)
+    err:write(ok and ("lunet-mem: pprof heap profile written to %s\n"):format(opts.pprof)
+      or ("lunet-mem: no pprof heap profile: %s\n"):format(msg))
   end
 end
 
