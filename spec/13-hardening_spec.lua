@@ -1813,6 +1813,38 @@ describe("round 3", function()
   -- A scope's default name (its function's label) is the module's bookkeeping, made outside the
   -- request's arena, even when a finalizer run by a collection step inside that bookkeeping
   -- calls the module.
+  -- ... and a finalizer run inside that bookkeeping that opens an arena scope of its own is that
+  -- scope's code: its objects go to its arena (seed 18 on lua5.1 found them outside it).
+  it("a finalizer opening an arena scope inside the module's bookkeeping places objects there", function()
+    expect_child([[
+      local mem = require "lunet.mem"
+      if jit then jit.off() end
+      local new_finalizable = rawget(_G, "newproxy") and function(gc)
+        local u = newproxy(true)
+        getmetatable(u).__gc = gc
+        return u
+      end or function(gc) return setmetatable({}, { __gc = gc }) end
+      local load_string = rawget(_G, "loadstring") or load
+      local handlers = {}
+      for i = 1, 3000 do handlers[i] = load_string("return function() end", "=handler" .. i)() end
+      local misplaced, ran = 0, 0
+      collectgarbage("setpause", 10)
+      for i = 1, #handlers do
+        new_finalizable(function()
+          ran = ran + 1
+          mem.scope({ name = "fin", arena = true }, function()
+            local t = {}
+            if mem.arena_of(t) ~= "fin" then misplaced = misplaced + 1 end
+          end)
+        end)
+        mem.scope(handlers[i]) -- its default name is made as the module's bookkeeping
+      end
+      collectgarbage("setpause", 200)
+      collectgarbage()
+      print(("finalizers run: %d, objects outside their arena: %d"):format(ran, misplaced))
+    ]], "finalizers run: 3000, objects outside their arena: 0", 120)
+  end)
+
   it("a finalizer calling the module while a scope's name is made does not pin the arena", function()
     expect_child([[
       local mem = require "lunet.mem"

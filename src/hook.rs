@@ -91,6 +91,10 @@ pub struct Tracker {
     /// the arena of) the active scope. Cleared at every call into the module, in case a memory
     /// error skipped the code that clears it.
     pub exempt: Cell<bool>,
+    /// The scope that was active when the exemption began: only it is exempt. A finalizer that
+    /// runs inside the bookkeeping and opens a scope of its own (or resumes a coroutine in one)
+    /// is that scope's code, counted and placed as usual.
+    exempt_scope: Cell<*const Scope>,
     /// `core.exempt_call` calls running: while any runs, `exempt` is not cleared at calls into
     /// the module (a finalizer run inside one may call the module; the exemption must last).
     pub exempt_calls: Cell<u32>,
@@ -182,6 +186,7 @@ impl Tracker {
             threads_ref: Cell::new(0),
             name_cache: Default::default(),
             exempt: Cell::new(false),
+            exempt_scope: Cell::new(ptr::null()),
             exempt_calls: Cell::new(0),
             budgeted_scopes: Cell::new(0),
             closing: Cell::new(ptr::null_mut()),
@@ -299,7 +304,7 @@ impl Tracker {
         if scope.is_null() {
             return (scope, false);
         }
-        if self.exempt.get() {
+        if self.exempt.get() && ptr::eq(scope, self.exempt_scope.get()) {
             return (ptr::null(), false);
         }
         #[cfg(feature = "luajit")]
@@ -436,6 +441,23 @@ impl Tracker {
                 vm.set_jit(true);
             }
         }
+    }
+
+    /// Begins the module's own bookkeeping (see `exempt`); returns what [`Tracker::end_exempt`]
+    /// puts back.
+    pub fn begin_exempt(&self) -> (bool, *const Scope) {
+        let saved = (self.exempt.get(), self.exempt_scope.get());
+        if !saved.0 {
+            self.exempt_scope.set(self.active.get());
+        }
+        self.exempt.set(true);
+        saved
+    }
+
+    /// Ends what [`Tracker::begin_exempt`] began.
+    pub fn end_exempt(&self, saved: (bool, *const Scope)) {
+        self.exempt.set(saved.0);
+        self.exempt_scope.set(saved.1);
     }
 
     /// Whether `scope` is the active scope.

@@ -136,7 +136,7 @@ const GC_TICK_MT: &CStr = c"lunet.mem.gc_tick";
 pub(super) unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
     // SAFETY: valid state; the metatable's type is checked (the registry is reachable from Lua).
     unsafe {
-        let was = t.exempt.replace(true); // (the module's bookkeeping)
+        let was = t.begin_exempt(); // (the module's bookkeeping)
         ffi::lua_newuserdata(L, 0);
         ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_MT.as_ptr());
         let armed = ffi::lua_type(L, -1) == ffi::LUA_TTABLE;
@@ -146,7 +146,7 @@ pub(super) unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
             ffi::lua_pop(L, 1);
         }
         ffi::lua_pop(L, 1);
-        t.exempt.set(was);
+        t.end_exempt(was);
         t.gc_ticking.set(armed);
     }
 }

@@ -337,11 +337,11 @@ unsafe fn grow_coroutine_stack(t: Option<&Tracker>, co: *mut lua_State, narg: c_
         // SAFETY: valid thread.
         return unsafe { ffi::lua_checkstack(co, narg) != 0 };
     };
-    let was = t.exempt.replace(true);
+    let was = t.begin_exempt();
     // SAFETY: valid thread. (If a real out-of-memory error is raised here, `check_tracker`
     // clears `exempt` at the next call into the module.)
     let ok = unsafe { ffi::lua_checkstack(co, narg) != 0 };
-    t.exempt.set(was);
+    t.end_exempt(was);
     ok
 }
 

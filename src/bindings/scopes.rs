@@ -121,10 +121,10 @@ pub(crate) unsafe fn thread_scopes<'a>(
             ffi::lua_pop(L, 2);
             return None;
         }
-        let was = t.exempt.replace(true);
+        let was = t.begin_exempt();
         let ts = udata::push(L, ThreadScopes::default);
         ffi::lua_rawset(L, -3);
-        t.exempt.set(was);
+        t.end_exempt(was);
         ffi::lua_pop(L, 1);
         Some(ts)
     }
@@ -330,11 +330,11 @@ unsafe extern "C-unwind" fn l_exempt_call(L: *mut lua_State) -> c_int {
     unsafe {
         let t = check_tracker(L);
         ffi::luaL_checkany(L, 1);
-        let was = t.exempt.replace(true);
+        let was = t.begin_exempt();
         t.exempt_calls.set(t.exempt_calls.get() + 1);
         let status = ffi::lua_pcall(L, ffi::lua_gettop(L) - 1, ffi::LUA_MULTRET, 0);
         t.exempt_calls.set(t.exempt_calls.get() - 1);
-        t.exempt.set(was);
+        t.end_exempt(was);
         if status != ffi::LUA_OK {
             rethrow(L);
         }
