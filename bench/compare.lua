@@ -15,28 +15,14 @@ local cases = {
   { "retain256", "arena" },
 }
 
+local common = dofile("bench/common.lua")
+local best, median = common.best, common.median
+
 local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
 local function run(workload, mode, cpath)
-  local cmd = ("LUA_CPATH=%s %s bench/workloads.lua %s %s %d"):format(shell_quote(cpath),
-    interpreter, workload, mode, sizes[workload])
-  local p = assert(io.popen(cmd))
-  local out = p:read("*a")
-  p:close()
-  local seconds, hwm = out:match("^(%S+) (%d+)")
-  return assert(tonumber(seconds), "bad output from " .. cmd .. ": " .. out), tonumber(hwm)
-end
-
-local function sorted(xs)
-  local c = {}
-  for i, x in ipairs(xs) do c[i] = x end
-  table.sort(c)
-  return c
-end
-local function best(xs) return sorted(xs)[1] end
-local function median(xs)
-  local c, n = sorted(xs), #xs
-  return n % 2 == 1 and c[(n + 1) / 2] or (c[n / 2] + c[n / 2 + 1]) / 2
+  return common.run(("LUA_CPATH=%s "):format(shell_quote(cpath)), interpreter, workload, mode,
+    sizes[workload])
 end
 
 print(("%-8s %-10s %-6s %8s %8s %8s"):format("interp", "workload", "mode", "B/A best", "median",

@@ -33,25 +33,11 @@ local MODES = {
   trace = { "trace", "" },
 }
 
+local common = dofile("bench/common.lua")
+local best, median = common.best, common.median
+
 local function run(workload, name)
-  local mode, env = MODES[name][1], MODES[name][2]
-  local cmd = ("%s%s bench/workloads.lua %s %s %d"):format(env, interpreter, workload, mode, sizes[workload])
-  local p = assert(io.popen(cmd))
-  local out = p:read("*a")
-  p:close()
-  local seconds, hwm = out:match("^(%S+) (%d+)")
-  return assert(tonumber(seconds), "bad output from " .. cmd .. ": " .. out), tonumber(hwm)
-end
-
-local function best(xs)
-  table.sort(xs)
-  return xs[1]
-end
-
-local function median(xs)
-  table.sort(xs)
-  local n = #xs
-  return n % 2 == 1 and xs[(n + 1) / 2] or (xs[n / 2] + xs[n / 2 + 1]) / 2
+  return common.run(MODES[name][2], interpreter, workload, MODES[name][1], sizes[workload])
 end
 
 -- The allocator the module uses unless told (see src/state.rs: default_serve).

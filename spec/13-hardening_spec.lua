@@ -1722,6 +1722,16 @@ end)
 ---------------------------------------------------------------------------------------------------
 -- Round 3: found by the fuzzer (scripts/fuzz.sh) after round 2.
 describe("round 3", function()
+  -- (the child scripts' finalizable object: a zero-size userdata where newproxy exists, else a
+  -- table with a __gc, which 5.2+ runs)
+  local NEW_FINALIZABLE = [[
+    local new_finalizable = rawget(_G, "newproxy") and function(gc)
+      local u = newproxy(true)
+      getmetatable(u).__gc = gc
+      return u
+    end or function(gc) return setmetatable({}, { __gc = gc }) end
+  ]]
+
   -- README: a coroutine abandoned inside a scope leaves it open until the coroutine is
   -- collected, and its arena ends then, whatever else still holds the scope.
   it_yield("ends a collected coroutine's arena scope even while a scope object of it is kept", function()
@@ -1757,13 +1767,8 @@ describe("round 3", function()
     "Lua 5.3 and 5.1 report the error from the collection")
   it_keeps_finalizers(
     "never drops a finalizer the collector calls inside a used-up budget", function()
-    expect_child([[
+    expect_child(NEW_FINALIZABLE .. [[
       local mem = require "lunet.mem"
-      local new_finalizable = rawget(_G, "newproxy") and function(gc)
-        local u = newproxy(true)
-        getmetatable(u).__gc = gc
-        return u
-      end or function(gc) return setmetatable({}, { __gc = gc }) end
       local function deep(depth)
         if depth == 0 then collectgarbage() return 0 end
         return 1 + deep(depth - 1)
@@ -1816,14 +1821,9 @@ describe("round 3", function()
   -- ... and a finalizer run inside that bookkeeping that opens an arena scope of its own is that
   -- scope's code: its objects go to its arena (seed 18 on lua5.1 found them outside it).
   it("a finalizer opening an arena scope inside the module's bookkeeping places objects there", function()
-    expect_child([[
+    expect_child(NEW_FINALIZABLE .. [[
       local mem = require "lunet.mem"
       if jit then jit.off() end
-      local new_finalizable = rawget(_G, "newproxy") and function(gc)
-        local u = newproxy(true)
-        getmetatable(u).__gc = gc
-        return u
-      end or function(gc) return setmetatable({}, { __gc = gc }) end
       local load_string = rawget(_G, "loadstring") or load
       local handlers = {}
       for i = 1, 3000 do handlers[i] = load_string("return function() end", "=handler" .. i)() end
@@ -1846,13 +1846,8 @@ describe("round 3", function()
   end)
 
   it("a finalizer calling the module while a scope's name is made does not pin the arena", function()
-    expect_child([[
+    expect_child(NEW_FINALIZABLE .. [[
       local mem = require "lunet.mem"
-      local new_finalizable = rawget(_G, "newproxy") and function(gc)
-        local u = newproxy(true)
-        getmetatable(u).__gc = gc
-        return u
-      end or function(gc) return setmetatable({}, { __gc = gc }) end
       local load_string = rawget(_G, "loadstring") or load
       local handlers = {}
       for i = 1, 2000 do handlers[i] = load_string("return function() end", "=handler" .. i)() end
