@@ -7,7 +7,7 @@ use std::ptr;
 
 use mlua::ffi::{self, lua_State};
 
-use super::errors::{check_tracker, check_udata};
+use super::errors::{check_tracker, check_udata, raise};
 use super::{push_str, register, set_int, to_string};
 use crate::udata;
 
@@ -42,6 +42,7 @@ pub(super) unsafe fn open(L: *mut lua_State) {
                 (c"cp_name", l_cp_name),
                 (c"is_checkpoint", l_is_checkpoint),
                 (c"stretch", l_stretch),
+                (c"reserved_call", l_reserved_call),
                 (c"measured", l_measured),
                 (c"cpcall", l_cpcall),
             ],
@@ -185,6 +186,56 @@ unsafe extern "C-unwind" fn l_stretch(L: *mut lua_State) -> c_int {
     #[cfg(not(lua54_gc))]
     let _ = L;
     0
+}
+
+/// Stack slots `core.reserved_call` holds in use below the function it calls: 16 KiB of
+/// stack, more than a request handler's calls use.
+const STACK_RESERVE: c_int = 1024;
+
+/// Lua 5.1 keeps its call records in an array that a collection halves when less than a
+/// quarter of it is in use: `core.reserved_call` holds this many records in use too.
+#[cfg(feature = "lua51")]
+const CALL_RESERVE: ffi::lua_Integer = 48;
+#[cfg(not(feature = "lua51"))]
+const CALL_RESERVE: ffi::lua_Integer = 0;
+
+/// `core.reserved_call(f)`: calls `f()` above [`STACK_RESERVE`] slots (and, on 5.1,
+/// [`CALL_RESERVE`] call records) held in use, and returns its results.
+///
+/// mem.measure takes its readings through it. A collection shrinks a thread's stack by what is
+/// in use (Lua 5.3 to 9/8 of it, 5.4 to twice it when above three times; 5.1 and LuaJIT halve it
+/// below a quarter), so a reading taken where little is in use would leave a stack that the
+/// measured call, deeper than the reading, grows again inside its scope, by an amount that
+/// depends on where its caller stands and on the thread's history. With the reserve in use, the
+/// readings leave a stack that holds the call (up to that many slots deeper than mem.measure's
+/// frame) and find it the same size before and after the call.
+unsafe extern "C-unwind" fn l_reserved_call(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua with a function (and, from itself, a count of levels still to
+    // hold); lua_checkstack reports failure instead of raising, and errors from `f` propagate
+    // (no destructor alive).
+    unsafe {
+        ffi::luaL_checktype(L, 1, ffi::LUA_TFUNCTION);
+        let levels = if ffi::lua_isnumber(L, 2) != 0 {
+            ffi::lua_tointeger(L, 2)
+        } else {
+            CALL_RESERVE
+        };
+        if levels > 0 {
+            ffi::lua_settop(L, 1);
+            ffi::lua_pushcfunction(L, l_reserved_call);
+            ffi::lua_pushvalue(L, 1);
+            ffi::lua_pushinteger(L, levels - 1);
+            ffi::lua_call(L, 2, ffi::LUA_MULTRET);
+            return ffi::lua_gettop(L) - 1;
+        }
+        if ffi::lua_checkstack(L, STACK_RESERVE + ffi::LUA_MINSTACK) == 0 {
+            raise(L, c"stack overflow (mem.measure's reserve)");
+        }
+        ffi::lua_settop(L, 1 + STACK_RESERVE);
+        ffi::lua_pushvalue(L, 1);
+        ffi::lua_call(L, 0, ffi::LUA_MULTRET);
+        ffi::lua_gettop(L) - 1 - STACK_RESERVE
+    }
 }
 
 /// `core.measured(check, settle, finish)`: a C function that calls `check(a, b)`, then
