@@ -22,6 +22,9 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 
+mod routes;
+pub use routes::Routes;
+
 /// log2 of the smallest chunk (4 KiB).
 const MIN_CHUNK_SHIFT: u32 = 12;
 /// Chunk sizes: 4 KiB, 8 KiB, ..., 1 MiB.
@@ -233,6 +236,8 @@ pub struct Arena {
     pub ended_at: Cell<u64>,
     /// Set when reclaimed: its chunks are gone and it is off its set's list.
     reclaimed: Cell<bool>,
+    /// Set when found pinned (told to its route once).
+    pinned_seen: Cell<bool>,
     /// Scopes that refer to it (the one that made it and those opened inside it).
     users: Cell<u32>,
     /// Its state's set; null once the set is gone (the state closed).
@@ -292,6 +297,8 @@ pub struct ArenaSet {
     /// The clock an arena's end is stamped with and its age read from: the state's GC cycle
     /// count, which the tracker owns and advances (`Tracker::gc_cycles`).
     clock: Rc<Cell<u64>>,
+    /// Which scopes get their arena (see [`Routes`]).
+    pub routes: Routes,
 }
 
 impl Default for ArenaSet {
@@ -314,6 +321,7 @@ impl ArenaSet {
             pool: Default::default(),
             pool_bytes: Cell::new(0),
             clock,
+            routes: Routes::default(),
         }
     }
 
@@ -333,6 +341,7 @@ impl ArenaSet {
             ended: Cell::new(false),
             ended_at: Cell::new(0),
             reclaimed: Cell::new(false),
+            pinned_seen: Cell::new(false),
             users: Cell::new(1),
             set: Cell::new(self),
             prev: Cell::new(ptr::null_mut()),
@@ -353,6 +362,25 @@ impl ArenaSet {
     fn head_ref(&self) -> Option<&Arena> {
         // SAFETY: list members are live until unlinked.
         unsafe { self.head.get().as_ref() }
+    }
+
+    /// Tells the routes of the arenas pinned since the last call: called when the clock has
+    /// advanced (a GC cycle ended). Walks the arenas not reclaimed.
+    pub fn tick(&self) {
+        let now = self.clock.get();
+        let mut a = self.head.get();
+        // SAFETY: list members are live until unlinked; nothing here frees.
+        while let Some(arena) = unsafe { a.as_ref() } {
+            if arena.ended.get()
+                && !arena.pinned_seen.get()
+                && now - arena.ended_at.get() >= 2
+                && arena.live_objects.get() > 0
+            {
+                arena.pinned_seen.set(true);
+                self.routes.pinned(&arena.name);
+            }
+            a = arena.next.get();
+        }
     }
 
     /// The arenas not reclaimed, newest first.
@@ -689,6 +717,9 @@ impl ArenaSet {
                 }
             }
             debug_assert_eq!(a.reserved_bytes.get(), 0);
+            if !a.pinned_seen.get() {
+                self.routes.clean(&a.name);
+            }
             self.unlink(a);
             a.reclaimed.set(true);
             self.reclaimed.set(self.reclaimed.get() + 1);

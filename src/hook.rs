@@ -161,6 +161,8 @@ pub struct Tracker {
     pub gc_cycles: Rc<Cell<u64>>,
     /// Whether that finalizer is armed.
     pub gc_ticking: Cell<bool>,
+    /// The address of the GC cycle counter armed last: only its finalizer counts a cycle.
+    pub gc_tick: Cell<usize>,
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
     pub arenas: ArenaSet,
@@ -218,6 +220,7 @@ impl Tracker {
             arenas: ArenaSet::with_clock(gc_cycles.clone()),
             gc_cycles,
             gc_ticking: Cell::new(false),
+            gc_tick: Cell::new(0),
         }
     }
 

@@ -143,6 +143,8 @@ impl Scope {
         let guarded = guard.limit.is_some()
             || guard.allowance.is_some()
             || parent.as_ref().is_some_and(|p| p.guarded);
+        // (A route whose arenas keep outliving their requests runs without: see `Routes`.)
+        let arena = arena.filter(|_| arenas.routes.admits(&name));
         let (arena, owns_arena) = match (arena, &parent) {
             (Some(first_chunk), _) => (arenas.open(name.clone(), first_chunk), true),
             (None, Some(p)) if !p.arena.is_null() => {

@@ -41,6 +41,7 @@ local M = {
   current = core.current,
   arenas = core.arenas,
   arena_of = core.arena_of,
+  adaptive_arenas = core.adaptive_arenas,
 }
 
 -- Errors -------------------------------------------------------------------------------------

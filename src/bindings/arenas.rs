@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use mlua::ffi::{self, lua_State};
 
-use super::errors::{check_tracker, no_arguments, push_owned, raise};
+use super::errors::{check_tracker, no_arguments, push_owned, raise, type_error};
 use super::{push_str, register, set_int};
 use crate::arena;
 use crate::hook::Tracker;
@@ -19,7 +19,16 @@ use crate::state;
 /// `L` valid with 2 free slots, the core table on top. May raise (memory).
 pub(super) unsafe fn open(L: *mut lua_State) {
     // SAFETY: forwarded contract.
-    unsafe { register(L, &[(c"arenas", l_arenas), (c"arena_of", l_arena_of)]) }
+    unsafe {
+        register(
+            L,
+            &[
+                (c"arenas", l_arenas),
+                (c"arena_of", l_arena_of),
+                (c"adaptive_arenas", l_adaptive_arenas),
+            ],
+        )
+    }
 }
 
 /// Registers the GC cycle counter's metatable and arms the first counter, unless one runs.
@@ -53,6 +62,24 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
         no_arguments(L, c"arenas");
         let list = t.arenas.list();
         push_owned(L, list, |list| push_arena_list(L, list));
+    }
+    1
+}
+
+/// `core.adaptive_arenas([on])`: whether a route whose arenas keep outliving their requests
+/// runs without them (see `arena::Routes`; on by default). With a boolean, sets it; returns the
+/// setting as it was.
+unsafe extern "C-unwind" fn l_adaptive_arenas(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; nothing with a destructor is alive when it raises.
+    unsafe {
+        let t = check_tracker(L);
+        let was = t.arenas.routes.adaptive.get();
+        match ffi::lua_type(L, 1) {
+            ffi::LUA_TNONE => {}
+            ffi::LUA_TBOOLEAN => t.arenas.routes.adaptive.set(ffi::lua_toboolean(L, 1) != 0),
+            _ => type_error(L, 1, c"adaptive_arenas", c"boolean"),
+        }
+        ffi::lua_pushboolean(L, c_int::from(was));
     }
     1
 }
@@ -126,6 +153,27 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
     1
 }
 
+/// Registry key of a weak table whose `[1]` is the counter armed last, while it lives.
+const GC_TICK_WEAK: &CStr = c"lunet.mem.gc_tick_armed";
+
+/// Whether the counter armed last is still to be collected. A counter can die without its
+/// finalizer running: Lua 5.3 drops a finalizer whose call fails (no memory for its stack, as
+/// when a budget or `fail_after` refuses the growth), and the counting would stop for good.
+///
+/// # Safety
+/// `L` valid with 2 free slots.
+pub(super) unsafe fn gc_tick_alive(L: *mut lua_State) -> bool {
+    // SAFETY: valid state; the table's type is checked (the registry is reachable from Lua).
+    unsafe {
+        let top = ffi::lua_gettop(L);
+        let alive = ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_WEAK.as_ptr())
+            == ffi::LUA_TTABLE
+            && ffi::lua_rawgeti(L, -1, 1) == ffi::LUA_TUSERDATA;
+        ffi::lua_settop(L, top);
+        alive
+    }
+}
+
 /// Registry key of the metatable of the GC cycle counter.
 const GC_TICK_MT: &CStr = c"lunet.mem.gc_tick";
 
@@ -142,6 +190,23 @@ pub(super) unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
         let armed = ffi::lua_type(L, -1) == ffi::LUA_TTABLE;
         if armed {
             ffi::lua_setmetatable(L, -2);
+            // Kept where `gc_tick_alive` looks, weakly.
+            if ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_WEAK.as_ptr())
+                != ffi::LUA_TTABLE
+            {
+                ffi::lua_pop(L, 1);
+                ffi::lua_createtable(L, 1, 0);
+                ffi::lua_createtable(L, 0, 1);
+                ffi::lua_pushstring(L, c"v".as_ptr());
+                ffi::lua_setfield(L, -2, c"__mode".as_ptr());
+                ffi::lua_setmetatable(L, -2);
+                ffi::lua_pushvalue(L, -1);
+                ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_WEAK.as_ptr());
+            }
+            ffi::lua_pushvalue(L, -2);
+            ffi::lua_rawseti(L, -2, 1);
+            ffi::lua_pop(L, 1);
+            t.gc_tick.set(ffi::lua_topointer(L, -1) as usize);
         } else {
             ffi::lua_pop(L, 1);
         }
@@ -160,7 +225,11 @@ unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
             return 0;
         }
         if let Some(t) = state::tracker(L) {
+            if ffi::lua_topointer(L, 1) as usize != t.gc_tick.get() {
+                return 0; // (one replaced by `make_scope` as lost: see `gc_tick_alive`)
+            }
             t.gc_cycles.set(t.gc_cycles.get() + 1);
+            t.arenas.tick();
             // Not armed until the new counter exists: if making it fails (out of memory), the
             // next scope opened arms one.
             t.gc_ticking.set(false);

@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use mlua::ffi::{self, lua_State};
 
-use super::arenas::arm_gc_tick;
+use super::arenas::{arm_gc_tick, gc_tick_alive};
 use super::errors::{check_tracker, check_udata, no_arguments, push_owned, raise, rethrow};
 use super::{push_str, register, set_int};
 use crate::arena;
@@ -178,8 +178,10 @@ pub(super) unsafe fn make_scope(
 ) -> Rc<Scope> {
     // SAFETY: forwarded contract.
     unsafe {
-        if !t.gc_ticking.get() {
-            arm_gc_tick(L, t); // (its finalizer could not arm the next one: out of memory)
+        // (its finalizer could not arm the next one, out of memory; or, for the arenas' ages,
+        // it died without its finalizer being run)
+        if !t.gc_ticking.get() || (arena.is_some() && !gc_tick_alive(L)) {
+            arm_gc_tick(L, t);
         }
         let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
             let mut len = 0usize;

@@ -50,6 +50,7 @@ struct Snapshot {
     arena_pool_bytes: u64,
     arenas: u64,
     arenas_reclaimed: u64,
+    arenas_skipped: u64,
     gc_cycles: u64,
     buffer_bytes: u64,
     buffer_blocks: u64,
@@ -74,6 +75,7 @@ impl Snapshot {
             arena_pool_bytes: t.arenas.pool_bytes.get(),
             arenas: t.arenas.count.get(),
             arenas_reclaimed: t.arenas.reclaimed.get(),
+            arenas_skipped: t.arenas.routes.skipped.get(),
             gc_cycles: t.gc_cycles.get(),
             #[cfg(aux_buffers)]
             buffer_bytes: t.aux.bytes.get(),
@@ -130,6 +132,7 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
         set_int(L, c"arena_pool_bytes", s.arena_pool_bytes as i64);
         set_int(L, c"arenas", s.arenas as i64);
         set_int(L, c"arenas_reclaimed", s.arenas_reclaimed as i64);
+        set_int(L, c"arenas_skipped", s.arenas_skipped as i64);
         set_int(L, c"gc_cycles", s.gc_cycles as i64);
         set_int(L, c"buffer_bytes", s.buffer_bytes as i64);
         set_int(L, c"buffer_blocks", s.buffer_blocks as i64);

@@ -1,0 +1,142 @@
+local helpers = require "spec.helpers"
+local mem = helpers.mem
+
+-- Placement gives up on a route whose arenas keep outliving their requests (src/arena/routes.rs):
+-- a pinned arena adds 4 to its route's score, a clean one takes 1 off; from 8 the route's
+-- scopes run without an arena but for one in 32.
+
+-- Route names of this file's own: scores are kept by name for the state's life, and other
+-- specs run in the same state.
+local function route(name) return ("%s (adaptive spec %d)"):format(name, math.random(1e9)) end
+
+local function settle()
+  collectgarbage("collect")
+  collectgarbage("collect")
+end
+
+-- On LuaJIT, what the interpreter makes while the trace recorder records is the compiler's
+-- (README, Limits): placement is checked with the compiler off.
+local function recorder_off()
+  settle()
+  if jit then jit.off() end
+end
+local function recorder_back()
+  if jit then jit.on() end
+end
+
+-- A request whose result is kept (a cache entry): returns it and where it was placed.
+local function cached(i)
+  local entry = { id = i, body = "entry " .. i }
+  return entry, mem.arena_of(entry)
+end
+
+-- Runs `n` requests on the route `name`, keeping each result in `kept` and letting GC cycles pass after
+-- each (three full collections: its arena is then pinned), and counts those placed in an arena.
+local function keep_requests(name, n, kept)
+  local placed = 0
+  for i = 1, n do
+    local entry, where = mem.scope({ name = name, arena = true }, cached, i)
+    kept[#kept + 1] = entry
+    if where then placed = placed + 1 end
+    settle()
+    collectgarbage("collect")
+  end
+  return placed
+end
+
+describe("adaptive arenas", function()
+  before_each(recorder_off)
+  after_each(function()
+    mem.adaptive_arenas(true)
+    recorder_back()
+  end)
+
+  it("give up on a route whose results outlive its requests, and probe it", function()
+    local kept, name = {}, route("GET /cache")
+    local skipped = mem.stats().arenas_skipped
+    local placed = keep_requests(name, 2, kept)
+    assert.are.equal(2, placed, "the first arenas are made")
+    placed = keep_requests(name, 64, kept)
+    assert.are.equal(2, placed, "then one probe in 32")
+    assert.are.equal(skipped + 62, mem.stats().arenas_skipped)
+    for i, entry in ipairs(kept) do assert.are.equal("entry " .. entry.id, entry.body, i) end
+  end)
+
+  it("keep arenas for a route whose results die with its requests", function()
+    local skipped, name = mem.stats().arenas_skipped, route("GET /clean")
+    for i = 1, 64 do
+      local where = mem.scope({ name = name, arena = true }, function()
+        return mem.arena_of({ i })
+      end)
+      assert.are.equal(name, where)
+      settle()
+    end
+    assert.are.equal(skipped, mem.stats().arenas_skipped)
+  end)
+
+  it("give the route its arenas back once they stop outliving requests", function()
+    local kept, name = {}, route("GET /changes")
+    keep_requests(name, 8, kept)
+    kept = nil
+    settle()
+    -- (each probe that is reclaimed clean takes 1 off the score, down from 16 to below 8)
+    local placed = 0
+    for i = 1, 32 * 10 do
+      local where = mem.scope({ name = name, arena = true }, function()
+        return mem.arena_of({ i })
+      end)
+      if where then placed = placed + 1 end
+      settle()
+    end
+    assert.is_true(placed > 32 * 2, "placed " .. placed)
+  end)
+
+  it("count a scope without its arena as any scope", function()
+    local kept, name = {}, route("GET /counted")
+    keep_requests(name, 4, kept)
+    local skipped = mem.stats().arenas_skipped
+    local s = mem.scope({ name = name, arena = true }, function()
+      kept[#kept + 1] = { 1, 2, 3 }
+      return mem.current()
+    end)
+    assert.are.equal(skipped + 1, mem.stats().arenas_skipped)
+    local st = s:stats()
+    assert.is_nil(st.arena)
+    assert.is_true(st.allocs >= 1)
+    assert.is_true(st.bytes_allocated > 0)
+  end)
+
+  it("can be turned off: every arena scope gets its arena", function()
+    assert.is_true(mem.adaptive_arenas(false))
+    assert.is_false(mem.adaptive_arenas())
+    local kept = {}
+    local skipped = mem.stats().arenas_skipped
+    assert.are.equal(40, keep_requests(route("GET /always"), 40, kept))
+    assert.are.equal(skipped, mem.stats().arenas_skipped)
+    assert.is_false(mem.adaptive_arenas(true))
+  end)
+
+  -- Pinned arenas are found at each GC cycle's tick, a finalizer; Lua 5.3 drops a finalizer
+  -- whose call fails for want of memory (a refused stack growth), and the ticks stopped for good.
+  it("keep seeing GC cycles after memory errors in collections", function()
+    local function cycles_seen()
+      local before = mem.stats().gc_cycles
+      settle()
+      mem.scope({ arena = true }, function() end)
+      settle()
+      settle()
+      return mem.stats().gc_cycles - before
+    end
+    local task = function() return mem.checkpoint():is_neutral() end
+    for n = 0, 1000 do
+      local ok = mem.fail_after(n, task)
+      assert.is_true(cycles_seen() > 0, "step " .. n)
+      if ok then break end
+    end
+  end)
+
+  it("rejects a bad argument", function()
+    assert.has_error(function() mem.adaptive_arenas("yes") end,
+      "bad argument #1 to 'adaptive_arenas' (boolean expected, got string)")
+  end)
+end)
