@@ -3,6 +3,7 @@
 //! its function inside one is in `scope_call.rs`.
 
 use std::ffi::{c_int, CStr};
+use std::ptr;
 use std::rc::Rc;
 
 use mlua::ffi::{self, lua_State};
@@ -40,6 +41,9 @@ impl udata::Boxed for ThreadScopes {
         // `thread_scopes` without `create` neither allocates nor raises.
         unsafe {
             let Some(t) = state::tracker(L) else { return };
+            if ptr::eq(t.thread_record.get().cast_const().cast(), self) {
+                t.thread_cached.set(0); // (its box is freed after this)
+            }
             let resumer_scope = thread_scopes(L, t, 0, false).and_then(|ts| ts.base.clone());
             if self.in_chain_of(t.active_scope().as_ref())
                 || self.in_chain_of(resumer_scope.as_ref())
@@ -85,6 +89,35 @@ pub(super) unsafe fn open(L: *mut lua_State) {
 /// (memory, or a replaced table) only when `create` is set; the allocations are the module's
 /// bookkeeping, not charged to or refused by the active scope.
 pub(crate) unsafe fn thread_scopes<'a>(
+    L: *mut lua_State,
+    t: &Tracker,
+    idx: c_int,
+    create: bool,
+) -> Option<&'a mut ThreadScopes> {
+    // SAFETY: valid state; the registry table is made at load (`push_core`). A cached record
+    // is live: the cache is dropped when it is finalized (before its box is freed) and when
+    // its thread's block is freed.
+    unsafe {
+        if idx == 0 && t.thread_cached.get() == L as usize {
+            return Some(&mut *(t.thread_record.get() as *mut ThreadScopes));
+        }
+        let ts = thread_record_lookup(L, t, idx, create);
+        if idx == 0 {
+            if let Some(ts) = &ts {
+                t.thread_record
+                    .set(ptr::from_ref::<ThreadScopes>(ts).cast_mut().cast());
+                t.thread_cached.set(L as usize);
+            }
+        }
+        ts
+    }
+}
+
+/// [`thread_scopes`] without the cache: the lookup in the registry's table of records.
+///
+/// # Safety
+/// As for [`thread_scopes`].
+unsafe fn thread_record_lookup<'a>(
     L: *mut lua_State,
     t: &Tracker,
     idx: c_int,
