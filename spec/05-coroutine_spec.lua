@@ -160,4 +160,26 @@ describe("scopes and coroutines", function()
     assert.matches("dead coroutine", err)
     assert.has_error(function() coroutine.resume(42) end)
   end)
+
+  -- The running thread's record is cached by address (src/hook.rs `thread_cached`): a thread
+  -- collected inside its scopes and a new one made at the same address must not share it.
+  it("gives a coroutine made where a collected one was a record of its own", function()
+    local wrong = 0
+    for round = 1, 600 do
+      local co = coroutine.create(function()
+        mem.scope("dying", function() coroutine.yield() end)
+      end)
+      coroutine.resume(co)
+      co = nil -- luacheck: ignore 311
+      if round % 3 == 0 then collectgarbage() end
+      local before, inside = coroutine.wrap(function()
+        return mem.current(), mem.scope("fresh", function() return mem.current():stats().name end)
+      end)()
+      if before ~= nil or inside ~= "fresh" then wrong = wrong + 1 end
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.are.equal(0, wrong)
+    assert.is_nil(mem.current())
+  end)
 end)
