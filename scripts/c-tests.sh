@@ -70,6 +70,10 @@ case "$mode" in
     expect end-without-begin "worker arena end without begin at tests/c/misuse.c:"
     expect escape "1 block(s), 48 byte(s) escaped"
     expect escape-then-free "escaped a worker arena that has ended"
+    expect reset-then-free "escaped a worker arena that has ended"
+    expect request-free "a block of request arena 'GET /users': its blocks are released with the arena"
+    expect request-free-destroyed "a block of a request arena that was destroyed"
+    expect request-realloc-foreign "not a live block of request arena 'POST /login'"
     expect arena-free-other-thread "a worker arena's block, freed on another thread"
     expect leak "MEMORY LEAK at request 42: allocs=1 frees=0"
     ;;

@@ -679,6 +679,20 @@ function M.fail_after(n, fn, ...)
   return fail_run(n, fn, ...)
 end
 
+local c_charge = core.charge
+
+-- Counts C memory (bytes > 0: one block made; < 0: one released) in the active scope's ledger,
+-- as C code does with lunet_mem_charge: for memory Lua code gets outside Lua's allocator (FFI
+-- buffers, a binding's own). Returns true, or false when no scope is active or a limit refuses.
+function M.charge(bytes)
+  local expected = integer_in(-2 ^ 53, 2 ^ 53)(bytes)
+  if expected then
+    argerror(1, "charge", expected .. " expected, got " ..
+      (type(bytes) == "number" and tostring(bytes) or typename(bytes)), 2)
+  end
+  return c_charge(bytes)
+end
+
 local SCOPE_METHODS = { stats = core.scope_stats }
 local scope_mt = object_class(core.scope_mt, core.scope_name, SCOPE_METHODS)
 scope_mt.__tostring = function(scope)
