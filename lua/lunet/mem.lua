@@ -685,9 +685,9 @@ local c_charge = core.charge
 -- as C code does with lunet_mem_charge: for memory Lua code gets outside Lua's allocator (FFI
 -- buffers, a binding's own). Returns true, or false when no scope is active or a limit refuses.
 function M.charge(bytes)
-  local expected = integer_in(-2 ^ 53, 2 ^ 53)(bytes)
-  if expected then
-    argerror(1, "charge", expected .. " expected, got " ..
+  if type(bytes) ~= "number" or bytes ~= bytes or bytes < -2 ^ 53 or bytes > 2 ^ 53
+    or floor(bytes) ~= bytes then
+    argerror(1, "charge", "integer expected, got " ..
       (type(bytes) == "number" and tostring(bytes) or typename(bytes)), 2)
   end
   return c_charge(bytes)
