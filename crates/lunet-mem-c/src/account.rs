@@ -4,8 +4,8 @@
 //!
 //! A charge (`lunet_mem_charge`, a request arena's block, a block of a worker arena begun in a
 //! scope) moves the account's counters and those of the accounts of the scopes it was opened in,
-//! with atomics: two read-modify-writes per account, none of them on the Lua allocation hook,
-//! which never touches an account. The Lua side writes only `lua_kept` (a mirror of the scope's
+//! with atomics: one read-modify-write per account (a [`Tally`] packs a block count and a byte
+//! total in one word), none of them on the Lua allocation hook, which never touches an account. The Lua side writes only `lua_kept` (a mirror of the scope's
 //! kept bytes, on its budget path) and `closed`.
 //!
 //! A limit covers Lua and C together: a C charge is refused when the kept Lua bytes of a limited
@@ -24,16 +24,19 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::tally::{Spills, Tally};
+
 /// `lunet_mem_scope_t`: the C account of one Lua scope.
 #[repr(align(64))]
 pub struct Account {
-    /// C bytes charged (cumulative) and released (cumulative) while the account was open: the
-    /// live C bytes are their difference.
-    bytes_allocated: AtomicU64,
-    bytes_freed: AtomicU64,
-    /// Blocks charged and released while the account was open.
-    allocs: AtomicU64,
-    frees: AtomicU64,
+    /// Blocks and C bytes charged (cumulative) and released (cumulative) while the account was
+    /// open: the live C bytes are the difference of the bytes, less `withdrawn`.
+    made: Tally,
+    freed: Tally,
+    /// Bytes a limit refused after they were added to `made` (taken back).
+    withdrawn: AtomicU64,
+    /// Guards the tallies' rare moves (see `tally.rs`).
+    spills: Spills,
     /// The highest live C bytes seen.
     peak_bytes: AtomicI64,
     /// Charges that arrived after the account closed: bytes (net), blocks made and released.
@@ -78,10 +81,10 @@ impl Account {
     pub fn new(parent: Option<Arc<Account>>, limit: Option<i64>, lua_kept: i64) -> Arc<Account> {
         let limited = limit.is_some() || parent.as_ref().is_some_and(|p| p.limited);
         Arc::new(Account {
-            bytes_allocated: AtomicU64::new(0),
-            bytes_freed: AtomicU64::new(0),
-            allocs: AtomicU64::new(0),
-            frees: AtomicU64::new(0),
+            made: Tally::default(),
+            freed: Tally::default(),
+            withdrawn: AtomicU64::new(0),
+            spills: Spills::default(),
             peak_bytes: AtomicI64::new(0),
             late_bytes: AtomicI64::new(0),
             late_allocs: AtomicU64::new(0),
@@ -98,10 +101,16 @@ impl Account {
     /// Live C bytes charged to the account while open (a concurrent charge may be half counted).
     #[inline(always)]
     pub fn live_bytes(&self) -> i64 {
-        // `freed` first: a free is counted after the charge it releases, so this never reads
+        // `freed` first: a release is counted after the charge it releases, so this never reads
         // a release without its charge.
-        let freed = self.bytes_freed.load(Relaxed);
-        self.bytes_allocated.load(Relaxed).wrapping_sub(freed) as i64
+        self.spills.read(|| {
+            let freed = self.freed.bytes();
+            let withdrawn = self.withdrawn.load(Relaxed);
+            self.made
+                .bytes()
+                .wrapping_sub(freed)
+                .wrapping_sub(withdrawn) as i64
+        })
     }
 
     /// The Lua side's kept bytes changed (loop thread, budget path only).
@@ -125,14 +134,17 @@ impl Account {
 
     /// The account's figures.
     pub fn stats(&self) -> AccountStats {
-        let freed = self.bytes_freed.load(Relaxed);
-        let allocated = self.bytes_allocated.load(Relaxed);
+        let (allocated, freed, allocs, frees) = self.spills.read(|| {
+            let (freed, frees) = (self.freed.bytes(), self.freed.count());
+            let allocated = self.made.bytes().wrapping_sub(self.withdrawn.load(Relaxed));
+            (allocated, freed, self.made.count(), frees)
+        });
         AccountStats {
             c_bytes: allocated.wrapping_sub(freed) as i64,
             c_bytes_allocated: allocated,
             c_bytes_freed: freed,
-            c_allocs: self.allocs.load(Relaxed),
-            c_frees: self.frees.load(Relaxed),
+            c_allocs: allocs,
+            c_frees: frees,
             c_peak_bytes: self.peak_bytes.load(Relaxed),
             late_bytes: self.late_bytes.load(Relaxed),
             late_allocs: self.late_allocs.load(Relaxed),
@@ -145,13 +157,66 @@ impl Account {
 
     /// Charges `bytes` more C bytes in `blocks` new blocks to this account and those above it.
     /// False (and nothing counted but the refusal) if a limit refuses them.
-    #[inline]
+    ///
+    /// The fast path (an account with no limit and no account above it) is one atomic addition
+    /// and a few loads, with no call: whatever else (a chain, a limit, a closed account, a
+    /// tally's move, a new peak) is in functions of its own, so that it saves no registers.
+    #[inline(always)]
     pub fn charge(&self, bytes: u64, blocks: u64) -> bool {
+        if self.limited || self.parent.is_some() {
+            return self.charge_chain(bytes, blocks);
+        }
+        if self.closed.load(Relaxed) || !Tally::fits(bytes, blocks) {
+            self.add_cold(bytes, blocks);
+            return true;
+        }
+        // (the live bytes from the addition's result, unless a move ran meanwhile)
+        let seq = self.spills.seq();
+        let Some(made) = self.made.add_fast(bytes, blocks) else {
+            self.spilled_made();
+            return true;
+        };
+        let made = made.wrapping_add(self.made.spilled_bytes());
+        let freed = self
+            .freed
+            .bytes()
+            .wrapping_add(self.withdrawn.load(Relaxed));
+        let live = made.wrapping_sub(freed) as i64;
+        if live > self.peak_bytes.load(Relaxed) || !self.spills.unmoved_since(seq) {
+            self.raise_peak();
+        }
+        true
+    }
+
+    /// [`Account::charge`] past its fast path: a chain, or a limit.
+    #[inline(never)]
+    fn charge_chain(&self, bytes: u64, blocks: u64) -> bool {
         if self.limited {
             return self.charge_limited(bytes, blocks);
         }
         self.add_chain(bytes, blocks);
         true
+    }
+
+    /// [`Account::add`], out of line.
+    #[cold]
+    #[inline(never)]
+    fn add_cold(&self, bytes: u64, blocks: u64) {
+        self.add(bytes, blocks);
+    }
+
+    /// `made` reached a move: does it, then the peak.
+    #[cold]
+    #[inline(never)]
+    fn spilled_made(&self) {
+        self.made.spill(&self.spills);
+        self.raise_peak();
+    }
+
+    /// Raises the peak to the live bytes, read consistently.
+    #[inline(never)]
+    fn raise_peak(&self) {
+        self.peak_bytes.fetch_max(self.live_bytes(), Relaxed);
     }
 
     /// Counts a charge in this account and those above it, with no limit to check.
@@ -197,18 +262,26 @@ impl Account {
     }
 
     /// Releases `bytes` C bytes in `blocks` blocks from this account and those above it.
-    #[inline]
+    #[inline(always)]
     pub fn release(&self, bytes: u64, blocks: u64) {
+        if self.parent.is_some() || self.closed.load(Relaxed) || !Tally::fits(bytes, blocks) {
+            return self.release_chain(bytes, blocks);
+        }
+        if self.freed.add_fast(bytes, blocks).is_none() {
+            self.freed.spill(&self.spills);
+        }
+    }
+
+    /// [`Account::release`] past its fast path.
+    #[inline(never)]
+    fn release_chain(&self, bytes: u64, blocks: u64) {
         let mut at = self;
         loop {
             if at.closed.load(Relaxed) {
                 at.late_bytes.fetch_sub(bytes as i64, Relaxed);
                 at.late_frees.fetch_add(blocks, Relaxed);
             } else {
-                at.bytes_freed.fetch_add(bytes, Relaxed);
-                if blocks != 0 {
-                    at.frees.fetch_add(blocks, Relaxed);
-                }
+                at.freed.add(bytes, blocks, &at.spills);
             }
             match &at.parent {
                 Some(p) => at = p,
@@ -225,14 +298,8 @@ impl Account {
             self.late_allocs.fetch_add(blocks, Relaxed);
             return;
         }
-        let allocated = self
-            .bytes_allocated
-            .fetch_add(bytes, Relaxed)
-            .wrapping_add(bytes);
-        if blocks != 0 {
-            self.allocs.fetch_add(blocks, Relaxed);
-        }
-        let live = allocated.wrapping_sub(self.bytes_freed.load(Relaxed)) as i64;
+        self.made.add(bytes, blocks, &self.spills);
+        let live = self.live_bytes();
         if live > self.peak_bytes.load(Relaxed) {
             self.peak_bytes.fetch_max(live, Relaxed);
         }
@@ -240,7 +307,9 @@ impl Account {
 
     /// [`Account::charge`] where a limit may refuse: the bytes are added up the chain, each
     /// limited open account checks its result, and on a refusal the accounts already added to
-    /// take them back.
+    /// take them back (`withdrawn`). A concurrent charge that reads an account's live bytes
+    /// meanwhile (for its own check or the peak) sees them: it may be refused, or raise the peak,
+    /// by a charge that is then taken back.
     #[cold]
     #[inline(never)]
     fn charge_limited(&self, bytes: u64, blocks: u64) -> bool {
@@ -252,12 +321,9 @@ impl Account {
             if a.closed.load(Relaxed) {
                 added.push(a, false);
             } else {
-                let allocated = a
-                    .bytes_allocated
-                    .fetch_add(bytes, Relaxed)
-                    .wrapping_add(bytes);
+                a.made.add(bytes, 0, &a.spills);
                 added.push(a, true);
-                let live = allocated.wrapping_sub(a.bytes_freed.load(Relaxed)) as i64;
+                let live = a.live_bytes();
                 if a.limit != i64::MAX && a.lua_kept.load(Relaxed).saturating_add(live) > a.limit {
                     refused = true;
                     break;
@@ -268,7 +334,7 @@ impl Account {
         if refused {
             added.for_each(|a, open| {
                 if open {
-                    a.bytes_allocated.fetch_sub(bytes, Relaxed);
+                    a.withdrawn.fetch_add(bytes, Relaxed);
                 }
             });
             self.refusals.fetch_add(1, Relaxed);
@@ -277,7 +343,7 @@ impl Account {
         added.for_each(|a, open| {
             if open {
                 if blocks != 0 {
-                    a.allocs.fetch_add(blocks, Relaxed);
+                    a.made.add(0, blocks, &a.spills);
                 }
                 let live = a.live_bytes();
                 if live > a.peak_bytes.load(Relaxed) {

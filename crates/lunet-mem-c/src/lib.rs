@@ -42,6 +42,7 @@ mod malloc;
 mod report;
 mod request_arena;
 mod site;
+mod tally;
 mod thread_state;
 mod worker_arena;
 
