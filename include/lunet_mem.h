@@ -8,9 +8,10 @@
 **
 ** Define LUNET_TRACE to track: lunet_malloc/lunet_free then count every block by thread and by
 ** call site (file:line), worker arenas serve the blocks of libuv worker threads, and bad use
-** (double free, a pointer lunet_malloc did not make, an arena end without begin, a block that
-** escapes its arena) prints what happened and where, then aborts. Without LUNET_TRACE the
-** macros are plain malloc/realloc/free and no-ops: nothing is left in a release build.
+** (double free, a pointer lunet_malloc did not make, a request arena's block, an arena end
+** without begin, a free of a block its worker arena released, a block left in an arena that
+** ends with the strict check) prints what happened and where, then aborts. Without LUNET_TRACE
+** the macros are plain malloc/realloc/free and no-ops: nothing is left in a release build.
 **
 ** The Lua side (lunet_mem_install, lunet_mem_resume, lunet_mem_live_bytes), the scope handles
 ** (lunet_mem_scope_current, lunet_mem_charge, ...) and the request arenas (lunet_request_*) are
