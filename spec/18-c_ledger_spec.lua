@@ -116,8 +116,8 @@ describe("a limit over Lua and C together", function()
   it("refuses a C charge past what Lua keeps", function()
     local refusals
     mem.scope({ limit = 64 * 1024 }, function()
-      local keep = ("x"):rep(40 * 1024)
-      assert.is_false(mem.charge(30 * 1024))
+      local keep = ("x"):rep(16 * 1024)
+      assert.is_false(mem.charge(50 * 1024))
       assert.is_true(mem.charge(10 * 1024))
       refusals = mem.current():stats().c_refusals
       return keep

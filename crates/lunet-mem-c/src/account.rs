@@ -232,33 +232,48 @@ impl Account {
         }
     }
 
+    /// Whether `growth` more C bytes fit the limits of this account and the open ones above it
+    /// now (loads only: for a caller that wants to know before it allocates). Counts a refusal.
+    pub fn admits(&self, growth: u64) -> bool {
+        if !self.limited || growth == 0 {
+            return true;
+        }
+        let growth = growth.min(i64::MAX as u64) as i64;
+        let mut at = Some(self);
+        while let Some(a) = at {
+            if !a.is_closed()
+                && a.limit != i64::MAX
+                && a.lua_kept
+                    .load(Relaxed)
+                    .saturating_add(a.live_bytes())
+                    .saturating_add(growth)
+                    > a.limit
+            {
+                self.refusals.fetch_add(1, Relaxed);
+                return false;
+            }
+            at = a.parent.as_deref();
+        }
+        true
+    }
+
     /// A block of `old` bytes becomes one of `new` bytes (a realloc: counted as one block
     /// released and one made). False if a limit refuses the growth (nothing counted but the
     /// refusal). The check and the count are not one step: a concurrent charge to the same
     /// limited account may pass the limit by this growth.
     pub fn resize(&self, old: u64, new: u64) -> bool {
-        if self.limited && new > old {
-            let growth = (new - old) as i64;
-            let mut at = Some(self);
-            while let Some(a) = at {
-                if !a.is_closed()
-                    && a.limit != i64::MAX
-                    && a.lua_kept
-                        .load(Relaxed)
-                        .saturating_add(a.live_bytes())
-                        .saturating_add(growth)
-                        > a.limit
-                {
-                    self.refusals.fetch_add(1, Relaxed);
-                    return false;
-                }
-                at = a.parent.as_deref();
-            }
+        if new > old && !self.admits(new - old) {
+            return false;
         }
+        self.resize_unchecked(old, new);
+        true
+    }
+
+    /// [`Account::resize`] with no limit checked (the caller checked with [`Account::admits`]).
+    pub fn resize_unchecked(&self, old: u64, new: u64) {
         // (released first, so that the peak never holds both)
         self.release(old, 1);
         self.add_chain(new, 1);
-        true
     }
 
     /// Releases `bytes` C bytes in `blocks` blocks from this account and those above it.

@@ -369,12 +369,17 @@ pub unsafe extern "C" fn lunet_request_alloc(a: *mut RequestArena, n: usize) -> 
     if n > MAX_SIZE {
         return ptr::null_mut();
     }
+    // SAFETY: the arena holds a reference to its account.
+    let account = unsafe { a.account.as_ref() };
+    // (a block the budget refuses gets no chunk: checked before placing, then charged)
+    if account.is_some_and(|account| !account.admits(n as u64)) {
+        return ptr::null_mut();
+    }
     let p = a.place(n);
     if p.is_null() {
         return p.cast();
     }
-    // SAFETY: the arena holds a reference to its account.
-    if let Some(account) = unsafe { a.account.as_ref() } {
+    if let Some(account) = account {
         if !account.charge(n as u64, 1) {
             a.unplace(p, n);
             return ptr::null_mut();
@@ -438,15 +443,15 @@ pub unsafe extern "C" fn lunet_request_realloc(
         a.note_peak();
         return p;
     }
+    if account.is_some_and(|account| n as u64 > old && !account.admits(n as u64 - old)) {
+        return ptr::null_mut();
+    }
     let new = a.place(n);
     if new.is_null() {
         return ptr::null_mut();
     }
     if let Some(account) = account {
-        if !account.resize(old, n as u64) {
-            a.unplace(new, n);
-            return ptr::null_mut();
-        }
+        account.resize_unchecked(old, n as u64);
     }
     // SAFETY: both blocks hold at least `min(old, n)` bytes; different places in the arena.
     unsafe {
