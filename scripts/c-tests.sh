@@ -2,7 +2,9 @@
 # The C API's proof (the design report's phase 1: `make sanitize`): builds the module's static
 # library for Lua 5.4 and the Lua-free C library (crates/lunet-mem-c), then tests/c/uv_proof.c
 # (libuv work items with worker arenas and tracked buffers, checkpoints, a Lua state resumed from
-# C) and tests/c/misuse.c, and runs them
+# C, and the request path with one ledger for Lua and C: request arenas, worker arenas begun in
+# a request's scope, exact C figures per request, budgets on both sides) and tests/c/misuse.c,
+# and runs them
 #   plain       bash scripts/c-tests.sh plain      (the exports check too)
 #   under ASan  bash scripts/c-tests.sh asan       (gcc -fsanitize=address, LeakSanitizer on)
 #   valgrind    bash scripts/c-tests.sh valgrind   (memcheck: 0 errors, 0 bytes definitely lost)
