@@ -234,10 +234,15 @@ impl Account {
 
     /// Whether `growth` more C bytes fit the limits of this account and the open ones above it
     /// now (loads only: for a caller that wants to know before it allocates). Counts a refusal.
+    #[inline(always)]
     pub fn admits(&self, growth: u64) -> bool {
-        if !self.limited || growth == 0 {
-            return true;
-        }
+        !self.limited || growth == 0 || self.admits_limited(growth)
+    }
+
+    /// [`Account::admits`] for a limited account.
+    #[cold]
+    #[inline(never)]
+    fn admits_limited(&self, growth: u64) -> bool {
         let growth = growth.min(i64::MAX as u64) as i64;
         let mut at = Some(self);
         while let Some(a) = at {
