@@ -6,12 +6,15 @@
 #   make conformance   the upstream Lua and LuaJIT suites with the module    (scripts/conformance.sh)
 #   make sanitize      the C API under ASan+LSan and valgrind                (scripts/c-tests.sh)
 #   make bench         workload ratios, bare vs each mode, one interleaved run (bench/run.sh)
+#   make bench-c       the C side: tracked malloc and worker arenas against glibc (bench/c_malloc.sh),
+#                      request arenas against malloc/free and charging a scope from another thread
+#                      (bench/c_arena.sh)
 #   make fmt / lint    rustfmt; clippy for every Lua version and luacheck
 #   make rust-test     the Rust tests of both crates (vendored Lua 5.4; `cargo test` runs the module's)
 LUA ?= lua5.4
 FEATURES := luajit lua51 lua53 lua54
 
-.PHONY: test demo spec fuzz conformance sanitize bench fmt lint rust-test setup
+.PHONY: test demo spec fuzz conformance sanitize bench bench-c fmt lint rust-test setup
 
 setup:
 	bash scripts/setup.sh
@@ -39,6 +42,10 @@ sanitize:
 
 bench:
 	bash bench/run.sh
+
+bench-c:
+	bash bench/c_malloc.sh
+	bash bench/c_arena.sh
 
 fmt:
 	cargo fmt

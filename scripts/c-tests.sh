@@ -2,7 +2,9 @@
 # The C API's proof (the design report's phase 1: `make sanitize`): builds the module's static
 # library for Lua 5.4 and the Lua-free C library (crates/lunet-mem-c), then tests/c/uv_proof.c
 # (libuv work items with worker arenas and tracked buffers, checkpoints, a Lua state resumed from
-# C) and tests/c/misuse.c, and runs them
+# C, and the request path with one ledger for Lua and C: request arenas, worker arenas begun in
+# a request's scope, exact C figures per request, budgets on both sides) and tests/c/misuse.c,
+# and runs them
 #   plain       bash scripts/c-tests.sh plain      (the exports check too)
 #   under ASan  bash scripts/c-tests.sh asan       (gcc -fsanitize=address, LeakSanitizer on)
 #   valgrind    bash scripts/c-tests.sh valgrind   (memcheck: 0 errors, 0 bytes definitely lost)
@@ -70,6 +72,10 @@ case "$mode" in
     expect end-without-begin "worker arena end without begin at tests/c/misuse.c:"
     expect escape "1 block(s), 48 byte(s) escaped"
     expect escape-then-free "escaped a worker arena that has ended"
+    expect reset-then-free "escaped a worker arena that has ended"
+    expect request-free "a block of request arena 'GET /users': its blocks are released with the arena"
+    expect request-free-destroyed "a block of a request arena that was destroyed"
+    expect request-realloc-foreign "not a live block of request arena 'POST /login'"
     expect arena-free-other-thread "a worker arena's block, freed on another thread"
     expect leak "MEMORY LEAK at request 42: allocs=1 frees=0"
     ;;

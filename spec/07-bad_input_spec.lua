@@ -38,6 +38,10 @@ describe("bad input", function()
       { "scope", mem.scope, { limit = "1k" }, print },
       { "fail_after", mem.fail_after, -1, print },
       { "fail_after", mem.fail_after, 0 },
+      { "charge", mem.charge },
+      { "charge", mem.charge, "64" },
+      { "charge", mem.charge, 1.5 },
+      { "charge", mem.charge, 0 / 0 },
     }
     for _, case in ipairs(cases) do
       local ok, err = pcall(case[2], (unpack or table.unpack)(case, 3, case.n or #case))
@@ -80,7 +84,7 @@ describe("bad input", function()
     local targets = {
       mem.stats, mem.reset_peak, mem.checkpoint, mem.current, mem.is_neutral,
       mem.assert_neutral, mem.scope, cp.delta, cp.is_neutral, cp.assert_neutral, scope.stats,
-      mem.arenas, mem.arena_of, mem.fail_after,
+      mem.arenas, mem.arena_of, mem.fail_after, mem.charge,
     }
     local seed = 20261124
     local function random(n) -- a small LCG, the same on every version

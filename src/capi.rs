@@ -1,12 +1,15 @@
 //! The C API's Lua-state functions (`include/lunet_mem.h`): installing the tracker on a state
-//! the runtime created, and reading its live bytes (resuming from C is in
-//! `src/bindings/coroutines.rs`).
+//! the runtime created, reading its live bytes, and the handle on the running coroutine's scope
+//! (resuming from C is in `src/bindings/coroutines.rs`).
 //!
 //! The header's tracked `malloc`/`free`, checkpoints and worker arenas have no Lua: they are the
 //! crate `lunet-mem-c` (crates/lunet-mem-c), linked here so that this library exports them too.
 
 use std::ffi::c_int;
 use std::ptr;
+use std::sync::Arc;
+
+use lunet_mem_c::Account;
 
 use mlua::ffi::{self, lua_State};
 
@@ -53,5 +56,23 @@ pub unsafe extern "C" fn lunet_mem_live_bytes(L: *mut lua_State) -> i64 {
     match unsafe { crate::state::tracker(L) } {
         Some(t) => t.live_bytes.get() as i64,
         None => -1,
+    }
+}
+
+/// The C account of the scope active in `L`'s state now (the innermost scope of the running
+/// coroutine), with a new reference for the caller (`lunet_mem_scope_release`); NULL without a
+/// scope or without the tracker.
+///
+/// # Safety
+/// `L` a valid state, used on the thread that runs it.
+#[no_mangle]
+pub unsafe extern "C" fn lunet_mem_scope_current(L: *mut lua_State) -> *const Account {
+    // SAFETY: valid state.
+    let Some(t) = (unsafe { crate::state::tracker(L) }) else {
+        return ptr::null();
+    };
+    match t.active_scope() {
+        Some(scope) => Arc::into_raw(scope.account().clone()),
+        None => ptr::null(),
     }
 }

@@ -8,9 +8,12 @@
 //! The scopes' budget ledger (what budgeted scopes keep) is the submodule `ledger`
 //! (`src/scope/ledger.rs`).
 
-use std::cell::{Cell, UnsafeCell};
+use std::cell::{Cell, OnceCell, UnsafeCell};
 use std::ptr;
 use std::rc::Rc;
+use std::sync::Arc;
+
+use lunet_mem_c::Account;
 
 mod ledger;
 
@@ -90,6 +93,9 @@ pub struct Scope {
     /// [`Scope::count_in`]), or null. Invariant: the count outlives the scope (it is a field
     /// of the tracker, which outlives every scope of its state).
     counted_in: Cell<*const Cell<u32>>,
+    /// The scope's C account (`lunet_mem_scope_t`, `lunet-mem-c`'s `account.rs`), made the
+    /// first time C code asks for it: the C memory charged to the scope, from any thread.
+    account: OnceCell<Arc<Account>>,
 }
 
 /// What a scope bounds, if anything.
@@ -184,7 +190,33 @@ impl Scope {
             overdrawn: Cell::new(false),
             raise_pending: Cell::new(false),
             counted_in: Cell::new(ptr::null()),
+            account: OnceCell::new(),
         }
+    }
+
+    /// The scope's C account, made now if it has none (with those of the scopes it was opened
+    /// in): what `lunet_mem_scope_current` hands to C code.
+    pub fn account(&self) -> &Arc<Account> {
+        self.account.get_or_init(|| {
+            let parent = self.parent.as_ref().map(|p| p.account().clone());
+            let limit = (self.limit != i64::MAX).then_some(self.limit);
+            let account = Account::new(parent, limit, self.kept_bytes.get());
+            if self.closed.get() {
+                account.close();
+            }
+            account
+        })
+    }
+
+    /// The scope's C account, if C code asked for it.
+    pub fn c_account(&self) -> Option<&Arc<Account>> {
+        self.account.get()
+    }
+
+    /// Live C bytes charged to the scope (0 without an account).
+    #[inline]
+    fn c_live_bytes(&self) -> i64 {
+        self.account.get().map_or(0, |a| a.live_bytes())
     }
 
     /// A LuaJIT trace starts being recorded while `self` is active: counts it for `self` and
@@ -209,7 +241,9 @@ impl Scope {
         // SAFETY: `self` is live, so its ancestors are.
         unsafe {
             Scope::walk(self, |s| {
-                if s.kept_bytes.get().saturating_add(delta) > s.limit || s.allowance.get() == 0 {
+                // (the limit covers the scope's C bytes too)
+                let kept = s.kept_bytes.get().saturating_add(s.c_live_bytes());
+                if kept.saturating_add(delta) > s.limit || s.allowance.get() == 0 {
                     ok.set(false);
                 }
             });
@@ -289,7 +323,8 @@ impl Scope {
         // SAFETY: `self` is live, so its ancestors are.
         unsafe {
             Scope::walk(self, |s| {
-                if s.kept_bytes.get() > s.limit || s.allowance.get() == 0 {
+                let kept = s.kept_bytes.get().saturating_add(s.c_live_bytes());
+                if kept > s.limit || s.allowance.get() == 0 {
                     past.set(true);
                 }
             })
@@ -309,7 +344,16 @@ impl Scope {
     #[inline]
     pub unsafe fn keep(scope: *const Scope, delta: i64) {
         // SAFETY: forwarded contract.
-        unsafe { Scope::walk(scope, |s| s.kept_bytes.set(s.kept_bytes.get() + delta)) }
+        unsafe {
+            Scope::walk(scope, |s| {
+                let kept = s.kept_bytes.get() + delta;
+                s.kept_bytes.set(kept);
+                // (mirrored for the C side's limit checks)
+                if let Some(a) = s.account.get() {
+                    a.set_lua_kept(kept);
+                }
+            })
+        }
     }
 
     /// Counts the scope in `open` (the tracker's count of open budgeted scopes) until it closes.
@@ -350,6 +394,9 @@ impl Scope {
     pub fn close(&self) {
         if self.closed.replace(true) {
             return;
+        }
+        if let Some(a) = self.account.get() {
+            a.close();
         }
         let metrics = self.metrics.replace(ptr::null());
         if !metrics.is_null() {

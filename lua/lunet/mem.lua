@@ -683,6 +683,20 @@ function M.fail_after(n, fn, ...)
   return fail_run(n, fn, ...)
 end
 
+local c_charge = core.charge
+
+-- Counts C memory (bytes > 0: one block made; < 0: one released) in the active scope's ledger,
+-- as C code does with lunet_mem_charge: for memory Lua code gets outside Lua's allocator (FFI
+-- buffers, a binding's own). Returns true, or false when no scope is active or a limit refuses.
+function M.charge(bytes)
+  if type(bytes) ~= "number" or bytes ~= bytes or bytes < -2 ^ 53 or bytes > 2 ^ 53
+    or floor(bytes) ~= bytes then
+    argerror(1, "charge", "integer expected, got " ..
+      (type(bytes) == "number" and tostring(bytes) or typename(bytes)), 2)
+  end
+  return c_charge(bytes)
+end
+
 local SCOPE_METHODS = { stats = core.scope_stats }
 local scope_mt = object_class(core.scope_mt, core.scope_name, SCOPE_METHODS)
 scope_mt.__tostring = function(scope)

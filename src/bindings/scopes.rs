@@ -70,6 +70,7 @@ pub(super) unsafe fn open(L: *mut lua_State) {
                 (c"scope_name", l_scope_name),
                 (c"is_scope", l_is_scope),
                 (c"exempt_call", l_exempt_call),
+                (c"charge", l_charge),
             ],
         );
         udata::new_metatable::<Rc<Scope>>(L);
@@ -397,10 +398,22 @@ pub(super) unsafe fn push_scope_stats(L: *mut lua_State, scope: &Scope) {
         (c"kept_bytes", scope.kept_bytes.get()),
         (c"budget_refusals", scope.budget_refusals.get() as i64),
     ];
+    // The C memory charged to the scope (`lunet_mem_charge`, request and worker arenas).
+    let c = scope.c_account().map(|a| a.stats()).unwrap_or_default();
+    let c_counters = [
+        (c"c_bytes", c.c_bytes),
+        (c"c_bytes_allocated", c.c_bytes_allocated as i64),
+        (c"c_bytes_freed", c.c_bytes_freed as i64),
+        (c"c_allocs", c.c_allocs as i64),
+        (c"c_frees", c.c_frees as i64),
+        (c"c_peak_bytes", c.c_peak_bytes),
+        (c"c_late_bytes", c.late_bytes),
+        (c"c_refusals", c.refusals as i64),
+    ];
     // SAFETY: valid state.
     unsafe {
-        ffi::lua_createtable(L, 0, 14);
-        for (key, value) in counters {
+        ffi::lua_createtable(L, 0, 24);
+        for (key, value) in counters.into_iter().chain(c_counters) {
             set_int(L, key, value);
         }
         push_str(L, &scope.name);
@@ -445,6 +458,29 @@ unsafe fn check_scope<'a>(L: *mut lua_State, fname: &CStr) -> &'a Scope {
 unsafe extern "C-unwind" fn l_scope_stats(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; the scope is kept alive by its userdata at index 1.
     unsafe { push_scope_stats(L, check_scope(L, c"stats")) };
+    1
+}
+
+/// `core.charge(bytes)`: `mem.charge`, its argument checked by the Lua half (an integer).
+unsafe extern "C-unwind" fn l_charge(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua.
+    unsafe {
+        let t = check_tracker(L);
+        let bytes = ffi::lua_tonumber(L, 1) as i64;
+        let counted = match t.active_scope() {
+            Some(scope) => {
+                let account = scope.account();
+                if bytes >= 0 {
+                    account.charge(bytes as u64, 1)
+                } else {
+                    account.release(bytes.unsigned_abs(), 1);
+                    true
+                }
+            }
+            None => false,
+        };
+        ffi::lua_pushboolean(L, counted as c_int);
+    }
     1
 }
 

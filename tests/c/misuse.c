@@ -3,7 +3,8 @@
 ** silently). scripts/c-tests.sh runs each case and checks the message.
 **
 **   misuse double-free|double-free-late|realloc-freed|foreign-free|interior-free|
-**          end-without-begin|escape|escape-then-free|arena-free-other-thread|leak
+**          end-without-begin|escape|escape-then-free|reset-then-free|arena-free-other-thread|
+**          leak|request-free|request-free-destroyed|request-realloc-foreign
 */
 #define LUNET_TRACE
 #include <pthread.h>
@@ -42,11 +43,30 @@ int main(int argc, char **argv) {
         lunet_free(p + 16);
     } else if (strcmp(what, "end-without-begin") == 0) {
         lunet_worker_arena_end();
-    } else if (strcmp(what, "escape") == 0) {
+    } else if (strcmp(what, "escape") == 0) { /* the strict end */
         lunet_worker_arena_begin(1024);
         void *kept = lunet_malloc(48);
         (void)kept;
+        lunet_worker_arena_end_neutral();
+    } else if (strcmp(what, "reset-then-free") == 0) { /* the reset released it: escaped */
+        lunet_worker_arena_begin(1024);
+        void *kept = lunet_malloc(48);
         lunet_worker_arena_end();
+        lunet_free(kept);
+    } else if (strcmp(what, "request-free") == 0) {
+        lunet_request_arena_t *a = lunet_request_arena_create(NULL, "GET /users");
+        void *p = lunet_request_alloc(a, 100);
+        lunet_free(p);
+    } else if (strcmp(what, "request-free-destroyed") == 0) {
+        lunet_request_arena_t *a = lunet_request_arena_create(NULL, "GET /users");
+        void *p = lunet_request_alloc(a, 100);
+        lunet_request_arena_destroy(a);
+        lunet_free(p);
+    } else if (strcmp(what, "request-realloc-foreign") == 0) {
+        lunet_request_arena_t *a = lunet_request_arena_create(NULL, "POST /login");
+        lunet_request_arena_t *b = lunet_request_arena_create(NULL, "GET /other");
+        void *p = lunet_request_alloc(b, 100);
+        lunet_request_realloc(a, p, 200);
     } else if (strcmp(what, "escape-then-free") == 0) {
         lunet_worker_arena_begin(1024);
         void *kept = lunet_malloc(48);

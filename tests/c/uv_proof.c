@@ -2,10 +2,16 @@
 ** The C side under load: a libuv loop running many uv_queue_work items whose worker threads use
 ** worker arenas and tracked buffers, checkpoints on the loop thread, and a Lua state with the
 ** module installed from C running request handlers in coroutines resumed with
-** lunet_mem_resume. Exits 0 when every check holds; run plain, under ASan+LSan and valgrind by
-** scripts/c-tests.sh.
+** lunet_mem_resume. Then the request path with one ledger for Lua and C (run_requests): each
+** request's coroutine asks for its scope (lunet_mem_scope_current), the loop thread parses the
+** request into a request arena charged to it, a worker thread builds its rows in a worker arena
+** begun in the scope (scratch released by the arena's reset) and in the request arena, the
+** coroutine formats the response in Lua; every request's C figures are checked against what the
+** C side allocated for it, exactly, and requests over their budget get NULL on the C side (or,
+** when C holds the budget, a memory error in Lua) and a clean error in Lua. Exits 0 when every
+** check holds; run plain, under ASan+LSan and valgrind by scripts/c-tests.sh.
 **
-**   uv_proof [work_items]      (default 100000)
+**   uv_proof [work_items] [requests]     (default 100000 and 2000)
 */
 #define LUNET_TRACE
 #include <lauxlib.h>
@@ -215,12 +221,288 @@ static void run_lua(int requests) {
     lua_close(L);
 }
 
+/* ---- The request path: one ledger for a request's Lua and C memory ---------------------------- */
+
+enum { HEADERS = 6, SCRATCH = 4, ROWS = 5 };
+enum { KIND_OK, KIND_C_OVER_BUDGET, KIND_LUA_OVER_BUDGET };
+
+typedef struct request {
+    uv_work_t work;
+    int id, kind;
+    lua_State *co;
+    int co_ref;
+    lunet_mem_scope_t *scope;       /* the request's scope, referenced */
+    lunet_request_arena_t *arena;   /* its C buffers */
+    char *rows[ROWS];
+    int rows_made, refused;
+    /* what the C side allocated for it, counted here as it goes */
+    int64_t arena_bytes, arena_blocks; /* live in the request arena */
+    int64_t scratch_bytes;             /* in the worker arena (all released by its end) */
+    int64_t allocs;
+} request_t;
+
+static uv_loop_t *request_loop;
+static int requests_done;
+
+static size_t header_size(int id, int k) { return 16 + (size_t)(id * 7 + k * 13) % 48; }
+
+/* The loop thread, called by the request's coroutine: its scope, its arena, its headers parsed
+** into the arena, its rows queued for a worker. Returns true, or nil and a message when the
+** budget refused a header (no work queued then). */
+static void rows_work(uv_work_t *w);
+static void rows_done(uv_work_t *w, int status);
+
+static int l_begin_request(lua_State *L) {
+    request_t *req = lua_touserdata(L, 1);
+    char name[32];
+    req->scope = lunet_mem_scope_current(L);
+    CHECK(req->scope != NULL, "request %d: no scope", req->id);
+    snprintf(name, sizeof name, "GET /users/%d", req->id);
+    req->arena = lunet_request_arena_create(req->scope, name);
+    CHECK(req->arena != NULL, "request arena");
+    for (int k = 0; k < HEADERS; k++) {
+        size_t n = header_size(req->id, k);
+        if (req->kind == KIND_LUA_OVER_BUDGET && k == 0) n = 30000; /* a big body: C holds most */
+        char *h = lunet_request_alloc(req->arena, n);
+        if (h == NULL) {
+            lua_pushnil(L);
+            lua_pushliteral(L, "over budget (headers)");
+            return 2;
+        }
+        CHECK(((uintptr_t)h & 15) == 0, "alignment");
+        memset(h, 'h', n);
+        req->arena_bytes += (int64_t)n;
+        req->arena_blocks++;
+        req->allocs++;
+    }
+    CHECK(uv_queue_work(request_loop, &req->work, rows_work, rows_done) == 0, "uv_queue_work");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* A worker thread: scratch buffers in a worker arena charged to the request's scope (two left
+** for the arena's reset), the rows in the request arena (the loop thread does not touch it while
+** the request waits for this). Runs while the loop thread runs other requests' Lua. */
+static void rows_work(uv_work_t *w) {
+    request_t *req = w->data;
+    lunet_worker_arena_begin_in(req->scope, 4096);
+    char *scratch[SCRATCH];
+    for (int k = 0; k < SCRATCH; k++) {
+        size_t n = 100 + (size_t)k * 10;
+        scratch[k] = lunet_malloc(n);
+        CHECK(scratch[k] != NULL, "scratch");
+        memset(scratch[k], 's', n);
+        req->scratch_bytes += (int64_t)n;
+        req->allocs++;
+    }
+    if (req->kind == KIND_C_OVER_BUDGET) {
+        /* a result set bigger than the request's budget: NULL, and nothing counted */
+        CHECK(lunet_request_alloc(req->arena, 64 * 1024) == NULL, "over budget: not NULL");
+        req->refused = 1;
+    } else {
+        for (int k = 0; k < ROWS; k++) {
+            char text[64];
+            int len = snprintf(text, sizeof text, "row %d of request %d", k, req->id);
+            char *row = lunet_request_alloc(req->arena, (size_t)len + 1);
+            CHECK(row != NULL, "row");
+            memcpy(row, text, (size_t)len + 1);
+            req->rows[k] = row;
+            req->arena_bytes += len + 1;
+            req->arena_blocks++;
+            req->allocs++;
+        }
+        req->rows_made = ROWS;
+    }
+    lunet_free(scratch[0]);
+    lunet_free(scratch[1]);
+    lunet_worker_arena_end(); /* releases scratch[2] and scratch[3] */
+}
+
+/* The coroutine, back from its wait: its rows as Lua strings, or nil and a message. */
+static int l_request_rows(lua_State *L) {
+    request_t *req = lua_touserdata(L, 1);
+    if (req->refused) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "over budget (rows)");
+        return 2;
+    }
+    lua_createtable(L, req->rows_made, 0);
+    for (int k = 0; k < req->rows_made; k++) {
+        lua_pushstring(L, req->rows[k]);
+        lua_rawseti(L, -2, k + 1);
+    }
+    return 1;
+}
+
+static const char *REQUEST_CODE =
+    "local mem = require 'lunet.mem'\n"
+    "exits, results = {}, {}\n"
+    "function serve(req, id, limit, kind)\n"
+    "  local ok, body = pcall(mem.scope, { name = 'GET /users', limit = limit,\n"
+    "      on_exit = function(s) exits[id] = s end }, function()\n"
+    "    local started, err = begin_request(req)\n"
+    "    if not started then error(err, 0) end\n"
+    "    coroutine.yield()              -- a worker builds the rows\n"
+    "    local rows, err2 = request_rows(req)\n"
+    "    if not rows then error(err2, 0) end\n"
+    "    local out = {}\n"
+    "    for i, row in ipairs(rows) do out[i] = '<li>' .. row .. '</li>' end\n"
+    "    if kind == 2 then out[#out + 1] = string.rep('x', 20000) end -- past what C left\n"
+    "    return '<ul>' .. table.concat(out) .. '</ul>'\n"
+    "  end)\n"
+    "  results[id] = { ok = ok, body = body }\n"
+    "end\n"
+    "function check_lua(n)\n"
+    "  local first\n"
+    "  for id = 1, n do\n"
+    "    local r, s = results[id], exits[id]\n"
+    "    if r.ok then\n"
+    "      assert(r.body:find('row 4 of request ' .. id, 1, true), 'response ' .. id)\n"
+    "      first = first or s\n"
+    "      assert(s.allocs == first.allocs, 'request ' .. id .. ': ' .. s.allocs .. ' Lua allocs, not ' .. first.allocs)\n"
+    "      assert(s.allocs > 0 and s.c_allocs > 0)\n"
+    "    end\n"
+    "  end\n"
+    "  assert(first, 'no request served')\n"
+    "end\n";
+
+static int64_t field(lua_State *L, int idx, const char *name) {
+    lua_getfield(L, idx, name);
+    CHECK(lua_isnumber(L, -1), "stats field %s", name);
+    int64_t v = (int64_t)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* The request's coroutine has finished: its figures, then its arena and scope go. */
+static void finish_request(lua_State *L, request_t *req) {
+    lua_getglobal(L, "exits");
+    lua_rawgeti(L, -1, req->id);
+    CHECK(lua_istable(L, -1), "request %d: no on_exit stats", req->id);
+    int st = lua_gettop(L);
+    int64_t c_bytes = field(L, st, "c_bytes"), c_allocated = field(L, st, "c_bytes_allocated");
+    int64_t c_allocs = field(L, st, "c_allocs"), c_frees = field(L, st, "c_frees");
+    int64_t c_peak = field(L, st, "c_peak_bytes"), c_refusals = field(L, st, "c_refusals");
+    /* on_exit: the request arena still holds its blocks; the worker's scratch was released */
+    CHECK(c_bytes == req->arena_bytes, "request %d: c_bytes %lld, C allocated %lld", req->id,
+          (long long)c_bytes, (long long)req->arena_bytes);
+    CHECK(c_allocated == req->arena_bytes + req->scratch_bytes, "request %d: c_bytes_allocated %lld",
+          req->id, (long long)c_allocated);
+    CHECK(c_allocs == req->allocs && c_frees == SCRATCH, "request %d: c_allocs %lld c_frees %lld",
+          req->id, (long long)c_allocs, (long long)c_frees);
+    CHECK(c_peak == (req->kind == KIND_C_OVER_BUDGET ? req->arena_bytes + req->scratch_bytes
+                                                      : c_allocated),
+          "request %d: c_peak_bytes %lld", req->id, (long long)c_peak);
+    CHECK(c_refusals == (req->kind == KIND_C_OVER_BUDGET), "request %d: c_refusals %lld", req->id,
+          (long long)c_refusals);
+    lua_pop(L, 2);
+
+    lua_getglobal(L, "results");
+    lua_rawgeti(L, -1, req->id);
+    lua_getfield(L, -1, "ok");
+    int ok = lua_toboolean(L, -1);
+    lua_getfield(L, -2, "body");
+    const char *body = lua_tostring(L, -1);
+    if (req->kind == KIND_OK) {
+        CHECK(ok && body != NULL, "request %d failed: %s", req->id, body ? body : "?");
+    } else if (req->kind == KIND_C_OVER_BUDGET) {
+        CHECK(!ok && body && strcmp(body, "over budget (rows)") == 0, "request %d: %s", req->id,
+              body ? body : "?");
+    } else {
+        CHECK(!ok && body && strstr(body, "not enough memory") != NULL, "request %d: %s", req->id,
+              body ? body : "?");
+    }
+    lua_pop(L, 4);
+
+    /* the scope has closed: the arena's release is counted apart, never lost */
+    lunet_mem_scope_stats_t before, after;
+    lunet_mem_scope_stats(req->scope, &before);
+    CHECK(before.closed && before.c_bytes == req->arena_bytes, "request %d: closed %d", req->id,
+          before.closed);
+    lunet_request_arena_stats_t as;
+    lunet_request_arena_stats(req->arena, &as);
+    CHECK((int64_t)as.bytes == req->arena_bytes && (int64_t)as.blocks == req->arena_blocks,
+          "request %d: arena bytes %llu", req->id, (unsigned long long)as.bytes);
+    lunet_request_arena_destroy(req->arena);
+    lunet_mem_scope_stats(req->scope, &after);
+    CHECK(after.c_bytes == before.c_bytes && after.late_bytes == -req->arena_bytes &&
+              (int64_t)after.late_frees == req->arena_blocks,
+          "request %d: late bytes %lld", req->id, (long long)after.late_bytes);
+    lunet_mem_scope_release(req->scope);
+    luaL_unref(L, LUA_REGISTRYINDEX, req->co_ref);
+    lunet_free(req);
+    requests_done++;
+}
+
+static lua_State *request_L;
+
+static void resume_request(request_t *req, int nargs) {
+    int nres = 0;
+    int status = lunet_mem_resume(request_L, req->co, nargs, &nres);
+    CHECK(status == LUA_OK || status == LUA_YIELD, "resume: %s", lua_tostring(req->co, -1));
+    lua_pop(req->co, nres);
+    if (status == LUA_OK) finish_request(request_L, req);
+}
+
+static void rows_done(uv_work_t *w, int status) {
+    CHECK(status == 0, "status %d", status);
+    resume_request(w->data, 0);
+    /* between resumes the loop thread allocates too: not the requests' */
+    lua_newtable(request_L);
+    lua_pop(request_L, 1);
+}
+
+static void run_requests(int n) {
+    uv_loop_t loop;
+    CHECK(uv_loop_init(&loop) == 0, "uv_loop_init");
+    request_loop = &loop;
+    lua_State *L = request_L = luaL_newstate();
+    CHECK(L != NULL, "luaL_newstate");
+    luaL_openlibs(L);
+    CHECK(lunet_mem_install(L) == 0, "lunet_mem_install");
+    lua_register(L, "begin_request", l_begin_request);
+    lua_register(L, "request_rows", l_request_rows);
+    if (luaL_dostring(L, REQUEST_CODE) != 0) CHECK(0, "%s", lua_tostring(L, -1));
+    lua_gc(L, LUA_GCSTOP, 0); /* so that every request sees the same collector */
+    CHECK(lunet_mem_scope_current(L) == NULL, "no scope outside the requests");
+
+    for (int i = 1; i <= n; i++) {
+        request_t *req = lunet_malloc(sizeof *req);
+        CHECK(req != NULL, "out of memory");
+        memset(req, 0, sizeof *req);
+        req->id = i;
+        req->kind = i % 10 == 3 ? KIND_C_OVER_BUDGET : i % 10 == 7 ? KIND_LUA_OVER_BUDGET : KIND_OK;
+        req->work.data = req;
+        req->co = lua_newthread(L);
+        req->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_getglobal(req->co, "serve");
+        lua_pushlightuserdata(req->co, req);
+        lua_pushinteger(req->co, i);
+        lua_pushinteger(req->co, req->kind == KIND_OK ? 1000000 : 40000);
+        lua_pushinteger(req->co, req->kind);
+        resume_request(req, 4); /* parses, queues the worker, yields */
+    }
+    CHECK(uv_run(&loop, UV_RUN_DEFAULT) == 0, "uv_run");
+    CHECK(requests_done == n, "%d of %d requests done", requests_done, n);
+    CHECK(uv_loop_close(&loop) == 0, "uv_loop_close");
+    lua_gc(L, LUA_GCRESTART, 0);
+    lua_getglobal(L, "check_lua");
+    lua_pushinteger(L, n);
+    if (lua_pcall(L, 1, 0, 0) != 0) CHECK(0, "%s", lua_tostring(L, -1));
+    lua_close(L);
+}
+
 int main(int argc, char **argv) {
     int items = argc > 1 ? atoi(argv[1]) : 100000;
+    int requests = argc > 2 ? atoi(argv[2]) : 2000;
     run_loop(items);
     run_entry_points();
     run_lua(50);
+    lunet_mem_checkpoint_t cp = lunet_mem_checkpoint();
+    run_requests(requests);
+    lunet_mem_assert_neutral(&cp, "after the requests");
     lunet_mem_report(stdout);
-    printf("uv_proof: %d work items and 50 Lua requests: ok\n", items);
+    printf("uv_proof: %d work items, 50 Lua requests, %d requests with C and Lua in one ledger: "
+           "ok\n", items, requests);
     return 0;
 }

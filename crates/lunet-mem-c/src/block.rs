@@ -42,7 +42,7 @@ pub(crate) fn magic(kind: u64, h: *const Header) -> u64 {
 
 /// Rounds `size` up to a multiple of `ALIGN` (`size <= MAX_SIZE`).
 #[inline(always)]
-pub(crate) fn round_up(size: usize) -> usize {
+pub(crate) const fn round_up(size: usize) -> usize {
     (size + ALIGN - 1) & !(ALIGN - 1)
 }
 

@@ -25,19 +25,31 @@
 //! - a worker arena is a bump pointer in chunks kept from one arena to the next
 //!   (`worker_arena.rs`).
 //!
+//! Two parts work in every build, tracked or not: request arenas (`request_arena.rs`: a
+//! request's C buffers, bump-allocated in pooled chunks, released at once) and scope accounts
+//! (`account.rs`: `lunet_mem_scope_t`, the C side of a Lua scope's ledger, charged with atomics
+//! from any thread).
+//!
 //! Bad use (a double free, a pointer this library did not make, an arena end without begin, a
 //! block that escaped its arena) prints what happened and where, then aborts (`fatal.rs`).
 
+mod account;
 mod block;
 mod checkpoint;
 mod fatal;
 mod heap_cache;
 mod malloc;
 mod report;
+mod request_arena;
 mod site;
+mod tally;
 mod thread_state;
 mod worker_arena;
 
+pub use account::{
+    lunet_mem_charge, lunet_mem_scope_release, lunet_mem_scope_retain, lunet_mem_scope_stats,
+    Account, AccountStats,
+};
 pub use checkpoint::{
     lunet_mem_assert_neutral_at, lunet_mem_check_neutral, lunet_mem_checkpoint_take, Checkpoint,
 };
@@ -46,5 +58,12 @@ pub use malloc::{
     lunet_mem_realloc_site,
 };
 pub use report::{libc_file, lunet_mem_c_stats, lunet_mem_report, CStats};
+pub use request_arena::{
+    lunet_request_alloc, lunet_request_arena_create, lunet_request_arena_destroy,
+    lunet_request_arena_stats, lunet_request_realloc, RequestArena, RequestArenaStats,
+};
 pub use site::SiteSlot;
-pub use worker_arena::{lunet_mem_arena_begin, lunet_mem_arena_end_at, lunet_mem_set_poisoning};
+pub use worker_arena::{
+    lunet_mem_arena_begin, lunet_mem_arena_begin_in, lunet_mem_arena_end_at,
+    lunet_mem_set_poisoning, ARENA_NEUTRAL, ARENA_REPORT, ARENA_RESET,
+};

@@ -24,7 +24,7 @@ fn alloc(l: &mut ThreadState, size: usize, counts: *const SiteCounts) -> *mut c_
         l.heap.heap_block(HEADER + size)
     } else {
         // SAFETY: this thread's innermost open arena; no other reference to it while this runs.
-        unsafe { (*arena).alloc(&mut l.spare_chunks, size) }
+        unsafe { (*arena).alloc_charged(&mut l.spare_chunks, size) }
     };
     if h.is_null() {
         return ptr::null_mut();
@@ -110,6 +110,14 @@ unsafe fn checked_header(
             "{what} of {p:p} at {}: the block escaped a worker arena that has ended",
             at(file, line)
         ))
+    } else if let Some(request) = readable
+        .then(|| {
+            // SAFETY: an address; only mimalloc's memory is read.
+            unsafe { crate::request_arena::describe(p) }
+        })
+        .flatten()
+    {
+        fatal(&format!("{what} of {p:p} at {}: {request}", at(file, line)))
     } else {
         fatal(&format!(
             "{what} of {p:p} at {}: not a block from lunet_malloc (or from a released arena)",
@@ -144,7 +152,7 @@ unsafe fn free_block(l: &mut ThreadState, h: *mut Header, file: *const c_char, l
     } else {
         // SAFETY: the block was made by this thread (its counts are this thread's), so its arena
         // is this thread's; an arena outlives its live blocks' headers (ending it marks them).
-        unsafe { (*arena).live_blocks -= 1 };
+        unsafe { (*arena).freed(size) };
     }
 }
 
@@ -288,7 +296,7 @@ pub unsafe extern "C" fn lunet_mem_free_at(p: *mut c_void, file: *const c_char, 
                 l.heap.quarantine(h, size);
             } else {
                 // SAFETY: as in `free_block`.
-                unsafe { (*arena).live_blocks -= 1 };
+                unsafe { (*arena).freed(size) };
             }
             return;
         }

@@ -11,6 +11,7 @@ use libmimalloc_sys as mi;
 
 use crate::block::Header;
 use crate::heap_cache::HeapCache;
+use crate::request_arena;
 use crate::site::{new_published_peak, site_at, Site, SiteCounts, SiteSlot};
 use crate::worker_arena::{Chunk, WorkerArena, SPARE_CHUNKS};
 
@@ -42,6 +43,8 @@ pub(crate) struct ThreadState {
     pub(crate) spare_chunks: Vec<*mut Chunk>,
     /// Freed heap blocks: the quarantine, then the cache they are reused from.
     pub(crate) heap: HeapCache,
+    /// Chunks of destroyed request arenas, kept for the next ones (at most `POOL_CHUNKS`).
+    pub(crate) request_chunks: Vec<*mut request_arena::Chunk>,
 }
 
 const SITE_CACHE_SLOTS: usize = 256;
@@ -98,6 +101,7 @@ fn new_state() -> *mut ThreadState {
         depth: 0,
         spare_chunks: Vec::with_capacity(SPARE_CHUNKS),
         heap: HeapCache::new(),
+        request_chunks: Vec::with_capacity(request_arena::POOL_CHUNKS),
     }));
     STATE.set(state);
     // Registers the destructor. It fails only while the thread's destructors run: the state
@@ -114,7 +118,13 @@ impl Drop for ThreadState {
             // now. The chunks of an arena left open are freed with it.
             let mut arena = unsafe { Box::from_raw(arena) };
             arena.release(&mut self.spare_chunks);
+            if !arena.account.is_null() {
+                // SAFETY: an arena left open holds a reference to its account.
+                unsafe { crate::account::drop_ref(arena.account) };
+            }
         }
+        // SAFETY: pooled chunks are in no arena.
+        unsafe { request_arena::free_pool(&mut self.request_chunks) };
         for &chunk in &self.spare_chunks {
             // SAFETY: a spare chunk from `mi_malloc_aligned`, used by no arena.
             unsafe { mi::mi_free(chunk.cast()) };
@@ -215,8 +225,14 @@ impl ThreadState {
         let arena = self.top;
         if !arena.is_null() {
             // SAFETY: this thread's innermost open arena; no other reference to it while this
-            // runs.
-            return unsafe { (*arena).alloc_fast(size) };
+            // runs. (An arena that charges a scope goes the slow way: `alloc_charged`.)
+            return unsafe {
+                if (*arena).account.is_null() {
+                    (*arena).alloc_fast(size)
+                } else {
+                    ptr::null_mut()
+                }
+            };
         }
         self.heap.cached_block_for(size)
     }

@@ -1,5 +1,8 @@
 //! Worker arenas: a worker thread's blocks bump-allocated in chunks kept from one arena to the
-//! next, and released all at once when the arena ends (`lunet_worker_arena_begin`/`_end`).
+//! next, and released all at once when the arena ends (`lunet_worker_arena_begin`/`_end`). The
+//! end releases the blocks still live (counted freed, marked so that a later `lunet_free` of one
+//! says it escaped), or, in its strict form, aborts on them. An arena begun in a scope
+//! (`lunet_worker_arena_begin_in`) charges its blocks to the scope's account while they live.
 
 use std::ffi::{c_char, c_int};
 use std::io::Write;
@@ -8,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use libmimalloc_sys as mi;
 
+use crate::account::{self, Account};
 use crate::block::{magic, round_up, Header, ALIGN, ENDED, HEADER, LIVE, MAX_SIZE};
 use crate::fatal::{at, fatal};
-use crate::thread_state::state;
+use crate::thread_state::{state, STATE};
 
 /// How many chunks of ended arenas a thread keeps for its next arenas.
 pub(crate) const SPARE_CHUNKS: usize = 4;
@@ -31,6 +35,8 @@ pub(crate) struct WorkerArena {
     size_hint: usize,
     /// Blocks made in the arena and not freed yet.
     pub(crate) live_blocks: i64,
+    /// The scope account its blocks are charged to (a reference the arena owns), or null.
+    pub(crate) account: *const Account,
     begin_file: *const c_char,
     begin_line: c_int,
 }
@@ -131,6 +137,37 @@ impl WorkerArena {
         self.alloc_fast(size)
     }
 
+    /// [`WorkerArena::alloc`], charged to the arena's account if it has one: null if the
+    /// account's budget refuses the block.
+    #[inline(always)]
+    pub(crate) fn alloc_charged(
+        &mut self,
+        spare: &mut Vec<*mut Chunk>,
+        size: usize,
+    ) -> *mut Header {
+        let h = self.alloc(spare, size);
+        // SAFETY: the arena holds a reference to its account.
+        if let (false, Some(account)) = (h.is_null(), unsafe { self.account.as_ref() }) {
+            if !account.charge(size as u64, 1) {
+                // (the block was the last bump: its room is taken back)
+                self.cur = h.cast();
+                self.live_blocks -= 1;
+                return ptr::null_mut();
+            }
+        }
+        h
+    }
+
+    /// One of the arena's blocks, of `size` bytes, was freed.
+    #[inline(always)]
+    pub(crate) fn freed(&mut self, size: usize) {
+        self.live_blocks -= 1;
+        // SAFETY: the arena holds a reference to its account.
+        if let Some(account) = unsafe { self.account.as_ref() } {
+            account.release(size as u64, 1);
+        }
+    }
+
     /// Calls `f` on each block's header, in allocation order.
     fn for_each_block(&self, mut f: impl FnMut(*mut Header)) {
         let mut chunks = Vec::new();
@@ -191,13 +228,9 @@ impl WorkerArena {
     }
 }
 
-/// Opens a worker arena on this thread; `lunet_malloc` on this thread is served from it until
-/// the matching [`lunet_mem_arena_end_at`]. Arenas nest.
-///
-/// # Safety
-/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`).
-#[no_mangle]
-pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_char, line: c_int) {
+/// Opens a worker arena on this thread, charged to `account` (a reference it takes over, or
+/// null).
+fn begin(account: *const Account, size_hint: usize, file: *const c_char, line: c_int) {
     // SAFETY: this thread's state, and no other reference to it (see `state`).
     let l = unsafe { &mut *state() };
     if l.depth == l.arenas.len() {
@@ -207,6 +240,7 @@ pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_
             chunk: ptr::null_mut(),
             size_hint: 0,
             live_blocks: 0,
+            account: ptr::null(),
             begin_file: ptr::null(),
             begin_line: 0,
         })));
@@ -216,6 +250,7 @@ pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_
     unsafe {
         (*arena).size_hint = size_hint;
         (*arena).live_blocks = 0;
+        (*arena).account = account;
         (*arena).begin_file = file;
         (*arena).begin_line = line;
     }
@@ -223,16 +258,71 @@ pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_
     l.top = arena;
 }
 
+/// Opens a worker arena on this thread; `lunet_malloc` on this thread is served from it until
+/// the matching [`lunet_mem_arena_end_at`]. Arenas nest; a nested arena charges the scope its
+/// enclosing arena charges, if any.
+///
+/// # Safety
+/// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`).
+#[no_mangle]
+pub unsafe extern "C" fn lunet_mem_arena_begin(size_hint: usize, file: *const c_char, line: c_int) {
+    let top = STATE.get();
+    let mut account = ptr::null();
+    // SAFETY: this thread's state if it has one, and its innermost open arena.
+    if let Some(l) = unsafe { top.as_ref() } {
+        if !l.top.is_null() {
+            // SAFETY: an open arena's account is a live reference.
+            let enclosing = unsafe { (*l.top).account };
+            if !enclosing.is_null() {
+                // SAFETY: as above.
+                account = unsafe { account::retain(enclosing) };
+            }
+        }
+    }
+    begin(account, size_hint, file, line);
+}
+
+/// [`lunet_mem_arena_begin`], with the arena's blocks charged to the scope handle `s` (NULL:
+/// none) while they live: a block its budget refuses is NULL. The arena holds a reference to `s`
+/// until it ends.
+///
+/// # Safety
+/// `s` is NULL or a live scope handle; `file` as in [`lunet_mem_arena_begin`].
+#[no_mangle]
+pub unsafe extern "C" fn lunet_mem_arena_begin_in(
+    s: *const Account,
+    size_hint: usize,
+    file: *const c_char,
+    line: c_int,
+) {
+    let account = if s.is_null() {
+        ptr::null()
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { account::retain(s) }
+    };
+    begin(account, size_hint, file, line);
+}
+
+/// `lunet_mem_arena_end_at`'s modes: abort on a block still live (strict), report such blocks
+/// on stderr then release them, release them silently (the reset).
+pub const ARENA_NEUTRAL: c_int = 0;
+pub const ARENA_REPORT: c_int = 1;
+pub const ARENA_RESET: c_int = 2;
+
 /// Ends this thread's innermost worker arena. Returns the number of its blocks still live
-/// (escaped: allocated in the arena, not freed before its end); reports them, and aborts unless
-/// `allow_escape` is set. The arena's memory is then released at once (poisoned first if
-/// poisoning is on, so that a pointer that escaped reads garbage rather than stale data).
+/// (escaped: allocated in the arena, not freed before its end). `mode` [`ARENA_NEUTRAL`]
+/// reports them and aborts; [`ARENA_REPORT`] reports them on stderr; [`ARENA_RESET`] (and any
+/// other value) says nothing. Then they are released: counted freed at their sites and released
+/// from the arena's scope account, their headers marked so that a later `lunet_free` of one
+/// aborts ("escaped"), and the arena's memory is released at once (poisoned first if poisoning
+/// is on, so that a pointer that escaped reads garbage rather than stale data).
 ///
 /// # Safety
 /// `file` is NULL or a NUL-terminated string that lives as long as the program (`__FILE__`).
 #[no_mangle]
 pub unsafe extern "C" fn lunet_mem_arena_end_at(
-    allow_escape: c_int,
+    mode: c_int,
     file: *const c_char,
     line: c_int,
 ) -> i64 {
@@ -244,10 +334,11 @@ pub unsafe extern "C" fn lunet_mem_arena_end_at(
             at(file, line)
         ));
     }
+    let arena_ptr = l.arenas[l.depth - 1];
     // SAFETY: an open arena of this thread; no other reference to it while this runs.
-    let arena = unsafe { &mut *l.arenas[l.depth - 1] };
+    let arena = unsafe { &mut *arena_ptr };
     let escaped = arena.live_blocks;
-    if escaped != 0 {
+    if escaped != 0 && mode != ARENA_RESET {
         let (mut bytes, mut blocks) = (0, String::new());
         arena.for_each_block(|h| {
             // SAFETY: a header in the arena's memory; its counts and site live forever.
@@ -268,19 +359,24 @@ pub unsafe extern "C" fn lunet_mem_arena_end_at(
             at(arena.begin_file, arena.begin_line),
             at(file, line),
         );
-        if allow_escape == 0 {
+        if mode == ARENA_NEUTRAL {
             fatal(&msg);
         }
         let _ = writeln!(std::io::stderr(), "lunet_mem: {msg}");
     }
     let poison = POISONING.load(Relaxed);
+    let mut released_bytes = 0u64;
     if escaped != 0 || poison {
         arena.for_each_block(|h| {
-            // SAFETY: a header in the arena's memory, and the block after it.
+            // SAFETY: a header in the arena's memory, and the block after it; its counts are
+            // this thread's (the arena's blocks are made by its thread).
             unsafe {
                 let size = (*h).size;
                 if (*h).magic == magic(LIVE, h) {
-                    // Escaped: a later free of it says so (until the memory is reused).
+                    // Released by the end: counted freed; a later free of it says it escaped
+                    // (until the memory is reused).
+                    l.count_freed((*h).counts, size);
+                    released_bytes += size as u64;
                     (*h).magic = magic(ENDED, h);
                     if poison {
                         ptr::write_bytes(h.add(1).cast::<u8>(), POISON, size);
@@ -290,6 +386,16 @@ pub unsafe extern "C" fn lunet_mem_arena_end_at(
                 }
             }
         });
+    }
+    let account = std::mem::replace(&mut arena.account, ptr::null());
+    if !account.is_null() {
+        // SAFETY: the arena's reference to its account, dropped here.
+        unsafe {
+            if escaped != 0 {
+                (*account).release(released_bytes, escaped as u64);
+            }
+            account::drop_ref(account);
+        }
     }
     arena.release(&mut l.spare_chunks);
     l.depth -= 1;
@@ -302,6 +408,12 @@ pub unsafe extern "C" fn lunet_mem_arena_end_at(
 }
 
 static POISONING: AtomicBool = AtomicBool::new(cfg!(debug_assertions));
+
+/// Whether released arena memory (worker and request arenas) is poisoned.
+#[inline(always)]
+pub(crate) fn poisoning() -> bool {
+    POISONING.load(Relaxed)
+}
 
 /// Turns poisoning of released arena memory on or off (on by default in debug builds).
 #[no_mangle]
