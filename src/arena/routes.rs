@@ -13,6 +13,10 @@
 //! route's scopes run without an arena of their own (as a scope without the option: counted,
 //! budgeted, in their parent's arena if it has one), but for one in [`PROBE_EVERY`], whose
 //! arena tells whether the route changed. The break-even is one arena in five pinned.
+//!
+//! The state keeps the same score over all its routes: a route seen for the first time starts
+//! from it (a program that names each request apart, as one scope per file, has no route to
+//! learn from), and so do the routes beyond [`MAX_ROUTES`].
 
 use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, BuildHasherDefault};
@@ -30,7 +34,7 @@ const PROBE_EVERY: u32 = 32;
 /// Routes with a score kept; the scopes of other names always get their arena.
 const MAX_ROUTES: usize = 1024;
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Route {
     score: u8,
     /// Scopes opened without an arena since the last probe.
@@ -43,6 +47,8 @@ struct Route {
 /// request, and this map must not keep them. Two names with the same hash share a score.
 pub struct Routes {
     routes: RefCell<FxMap<u64, Route>>,
+    /// The score over every route: where a new route starts.
+    all: Cell<Route>,
     /// Whether placement gives up at all (`mem.arena_policy`).
     pub adaptive: Cell<bool>,
     /// Arena scopes opened without their arena so far.
@@ -53,6 +59,7 @@ impl Default for Routes {
     fn default() -> Self {
         Routes {
             routes: RefCell::default(),
+            all: Cell::default(),
             adaptive: Cell::new(true),
             skipped: Cell::new(0),
         }
@@ -67,22 +74,29 @@ impl Routes {
         }
         let key = key_of(name);
         let mut routes = self.routes.borrow_mut();
-        let Some(route) = routes.get_mut(&key) else {
-            if routes.len() < MAX_ROUTES {
-                routes.insert(key, Route::default());
+        let room = routes.len() < MAX_ROUTES;
+        let admitted = match routes.get_mut(&key) {
+            Some(route) => route.admits(),
+            None if room => {
+                let mut route = Route {
+                    score: self.all.get().score,
+                    skipped: 0,
+                };
+                let admitted = route.admits();
+                routes.insert(key, route);
+                admitted
             }
-            return true;
+            None => {
+                let mut all = self.all.get();
+                let admitted = all.admits();
+                self.all.set(all);
+                admitted
+            }
         };
-        if route.score < GIVE_UP {
-            return true;
+        if !admitted {
+            self.skipped.set(self.skipped.get() + 1);
         }
-        route.skipped += 1;
-        if route.skipped >= PROBE_EVERY {
-            route.skipped = 0;
-            return true;
-        }
-        self.skipped.set(self.skipped.get() + 1);
-        false
+        admitted
     }
 
     /// An arena of `name` was found pinned.
@@ -95,7 +109,10 @@ impl Routes {
         self.update(name, |score| score.saturating_sub(1));
     }
 
-    fn update(&self, name: &str, f: impl FnOnce(u8) -> u8) {
+    fn update(&self, name: &str, f: impl Fn(u8) -> u8) {
+        let mut all = self.all.get();
+        all.score = f(all.score);
+        self.all.set(all);
         // (A lookup only: this runs inside the allocator, which must not allocate. The free that
         // reclaims an arena may come while `admits` holds the map: then the outcome is dropped.)
         if let Ok(mut routes) = self.routes.try_borrow_mut() {
@@ -103,6 +120,21 @@ impl Routes {
                 route.score = f(route.score);
             }
         }
+    }
+}
+
+impl Route {
+    /// Whether the route's next scope gets its arena (a probe counted when it does not).
+    fn admits(&mut self) -> bool {
+        if self.score < GIVE_UP {
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped >= PROBE_EVERY {
+            self.skipped = 0;
+            return true;
+        }
+        false
     }
 }
 
@@ -144,6 +176,24 @@ mod tests {
                 routes.clean(name);
             }
         }
+    }
+
+    #[test]
+    fn a_new_route_starts_from_the_score_of_all() {
+        let routes = Routes::default();
+        for i in 0..4 {
+            let name = format!("file {i}");
+            assert!(routes.admits(&name), "{name}");
+            routes.pinned(&name);
+        }
+        let admitted = (0..64)
+            .filter(|i| routes.admits(&format!("new file {i}")))
+            .count();
+        assert_eq!(admitted, 0, "new routes start given up");
+        for _ in 0..MAX_SCORE {
+            routes.clean("file 0");
+        }
+        assert!(routes.admits("another file"));
     }
 
     #[test]
