@@ -1,5 +1,6 @@
 local helpers = require "spec.helpers"
 local mem = helpers.mem
+local unpack = table.unpack or unpack
 
 describe("mem.scope()", function()
   it("returns all of fn's results, nils included", function()
@@ -13,6 +14,24 @@ describe("mem.scope()", function()
     assert.are.equal(0, mem.scope(function(...) return select("#", ...) end))
     assert.are.equal(2, mem.scope("n", function(...) return select("#", ...) end, nil, nil))
     assert.are.equal(1, mem.scope({}, function(...) return select("#", ...) end, nil))
+    -- (LuaJIT: up to three arguments go through fixed parameters, more through `...`)
+    local function count_and_pack(...) return select("#", ...), { ... } end
+    for n = 0, 6 do
+      local args = {}
+      for i = 1, n do args[i] = (i % 2 == 0) and nil or i end
+      for _, form in ipairs({ "fn", "name", "opts" }) do
+        local got, packed
+        if form == "fn" then
+          got, packed = mem.scope(count_and_pack, unpack(args, 1, n))
+        elseif form == "name" then
+          got, packed = mem.scope("n", count_and_pack, unpack(args, 1, n))
+        else
+          got, packed = mem.scope({ name = "o" }, count_and_pack, unpack(args, 1, n))
+        end
+        assert.are.equal(n, got, form .. " with " .. n)
+        for i = 1, n do assert.are.equal(args[i], packed[i], form .. " arg " .. i) end
+      end
+    end
   end)
 
   it("names the scope from a string, an option or the function", function()

@@ -112,6 +112,7 @@ describe("crashes and hangs", function()
       expect_child([[
         local mem = require "lunet.mem"
         if jit then jit.off() end -- (every block goes to the arena: none made while a trace records)
+        mem.adaptive_arenas(false) -- (the arenas are kept: placement would give up on them)
         local arenas, wrong = {}, {}
         -- Arenas made one after another get neighbouring chunks; each holds only zero-size
         -- userdata, so that one of them ends exactly at its chunk's end.

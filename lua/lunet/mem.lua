@@ -554,9 +554,42 @@ else
     return scope_finish(token, on_exit, pcall(run, token, fn, ...))
   end
 
+  -- The same for a call with at most three arguments, held in fixed parameters: LuaJIT's trace
+  -- recorder cannot forward `...` after a C call (a trace stitched after `scope_prepare` met
+  -- "NYI: bytecode VARG" and the rest of every request ran interpreted). `n` keeps the count,
+  -- so that `fn` gets exactly the arguments it was given (trailing nils included).
+  local function call_n(fn, n, x1, x2, x3)
+    if n == 0 then return fn() end
+    if n == 1 then return fn(x1) end
+    if n == 2 then return fn(x1, x2) end
+    return fn(x1, x2, x3)
+  end
+
+  local function run_n(token, fn, n, x1, x2, x3)
+    scope_activate(token)
+    return scope_close_ok(token, call_n(fn, n, x1, x2, x3))
+  end
+
+  local function scope_with_n(name, on_exit, arena, limit, fn, n, x1, x2, x3)
+    if arena and not vm_primed and current() == nil then prime_vm() end
+    local token = scope_prepare(name, arena, limit)
+    return scope_finish(token, on_exit, pcall(run_n, token, fn, n, x1, x2, x3))
+  end
+
   function M.scope(a, ...)
     local name, on_exit, arena, limit, at = prepare(a, (...))
-    if at == 1 then return scope_with(name, on_exit, arena, limit, a, ...) end
+    local n = select("#", ...)
+    if at == 1 then
+      if n <= 3 then
+        local x1, x2, x3 = ...
+        return scope_with_n(name, on_exit, arena, limit, a, n, x1, x2, x3)
+      end
+      return scope_with(name, on_exit, arena, limit, a, ...)
+    end
+    if n <= 4 then
+      local fn, x1, x2, x3 = ...
+      return scope_with_n(name, on_exit, arena, limit, fn, n - 1, x1, x2, x3)
+    end
     return scope_with(name, on_exit, arena, limit, ...)
   end
 end

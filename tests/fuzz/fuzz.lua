@@ -88,6 +88,11 @@ if not found then
   mem = require "lunet.mem"
 end
 
+-- The model says which scopes have an arena of their own (and so where each new table goes,
+-- and which frees an arena scope is credited with): placement that gives up on routes whose
+-- arenas are pinned (src/arena/routes.rs, spec/19) would run some arena scopes without one.
+mem.adaptive_arenas(false)
+
 local VERSION = mem.lua -- "luajit", "lua51", "lua53", "lua54"
 local IS_JIT = rawget(_G, "jit") ~= nil
 -- LuaJIT 2.1 betas: no allocation is refused where it happens (their out-of-memory paths crash);
