@@ -6,6 +6,7 @@
 #   make conformance   the upstream Lua and LuaJIT suites with the module    (scripts/conformance.sh)
 #   make sanitize      the C API under ASan+LSan and valgrind                (scripts/c-tests.sh)
 #   make bench         workload ratios, bare vs each mode, one interleaved run (bench/run.sh)
+#   make bench-scope LUA=lua5.4   ns per scope switch (bench/scope_cost.lua), with the rock
 #   make bench-c       the C side: tracked malloc and worker arenas against glibc (bench/c_malloc.sh),
 #                      request arenas against malloc/free and charging a scope from another thread
 #                      (bench/c_arena.sh)
@@ -14,7 +15,7 @@
 LUA ?= lua5.4
 FEATURES := luajit lua51 lua53 lua54
 
-.PHONY: test demo spec fuzz conformance sanitize bench bench-c fmt lint rust-test setup
+.PHONY: test demo spec fuzz conformance sanitize bench bench-scope bench-c fmt lint rust-test setup
 
 setup:
 	bash scripts/setup.sh
@@ -42,6 +43,9 @@ sanitize:
 
 bench:
 	bash bench/run.sh
+
+bench-scope:
+	eval "$$(bash scripts/rock.sh $(LUA))" && $(LUA) bench/scope_cost.lua
 
 bench-c:
 	bash bench/c_malloc.sh

@@ -164,9 +164,11 @@ pub struct Tracker {
     /// The address of the GC cycle counter armed last: only its finalizer counts a cycle.
     pub gc_tick: Cell<usize>,
     /// The thread whose record (`ThreadScopes`, in the bindings) `thread_record` holds, 0 for
-    /// none: a cache of the weak table lookup every scope switch made. Cleared when the
-    /// record is finalized and when a block holding that address is freed (the thread was
-    /// collected: its address may be a new thread's next).
+    /// none: a cache of the weak table lookup every scope switch made. Only a running thread
+    /// (or one waiting in a resume) is cached: the cache is dropped when a resume of the thread
+    /// returns (`coroutines::leave`; a C runtime calls `lunet_mem_leave`), so a thread that
+    /// can be collected, whose address a new thread may take, is never the cached one. Dropped
+    /// too when the record is finalized (its box is freed).
     pub thread_cached: Cell<usize>,
     /// That thread's record (a `*mut ThreadScopes`), valid while `thread_cached` is not 0.
     pub thread_record: Cell<*mut c_void>,
@@ -305,15 +307,6 @@ impl Tracker {
             }
         }
         true
-    }
-
-    /// Drops the cached thread record (see `thread_cached`) if the block freed holds the
-    /// cached thread's address: one subtraction and one comparison per free.
-    #[inline(always)]
-    fn forget_thread_block(&self, block: *mut c_void, osize: usize) {
-        if self.thread_cached.get().wrapping_sub(block as usize) < osize {
-            self.thread_cached.set(0);
-        }
     }
 
     /// The scope a call of the hook is for: the active one, unless the module is doing its own
@@ -847,9 +840,6 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
             }
         }
         return result;
-    }
-    if nsize == 0 {
-        tracker.forget_thread_block(block, osize);
     }
     // A growth may fail (a scope's budget); a free or a shrink never does.
     let mut charge = scope;
