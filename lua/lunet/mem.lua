@@ -481,7 +481,7 @@ local function default_name(fn)
 end
 
 -- The one check of mem.scope's arguments: returns `name, on_exit, arena, limit, index of fn`.
--- (On PUC Lua but 5.2, mem.scope is C, src/bindings/scope_c.rs `l_scope`, which calls this for
+-- (On PUC Lua, mem.scope is C, src/bindings/scope_c.rs `l_scope`, which calls this for
 -- every form but `(name, fn)`, a function whose default name is known, and an options table
 -- whose every field is valid at sight; that fast path never raises: anything else comes here.)
 local function prepare(a, b)
@@ -533,7 +533,7 @@ prime_vm()
 if core.make_scope then
   M.scope = core.make_scope(prepare, names)
 else
-  -- LuaJIT (and 5.2): Lua, so that `fn` can yield inside the scope (LuaJIT yields across its
+  -- LuaJIT: Lua, so that `fn` can yield inside the scope (LuaJIT yields across its
   -- own `pcall`, not across a C function). The scope is active only inside the protected call
   -- (src/bindings/scope_lua.rs).
   local scope_prepare, scope_activate = core.scope_prepare, core.scope_activate

@@ -1,8 +1,9 @@
-//! `mem.scope` in C (PUC Lua 5.1, 5.3, 5.4, 5.5).
+//! `mem.scope` in C (PUC Lua 5.1 to 5.5).
 //!
 //! The Lua version in mem.lua costs a few thousand VM instructions per call (varargs, pcall,
 //! select); this one calls `fn` with `lua_pcallk` and a continuation, so that `fn` can still
-//! yield inside the scope (5.3+). LuaJIT keeps the Lua version: it cannot yield across a C
+//! yield inside the scope (5.2+; 5.2's continuation reads its status and context with
+//! `lua_getctx`, 5.3+ gets them as arguments). LuaJIT keeps the Lua version: it cannot yield across a C
 //! function, but can across its own `pcall` (`scope_lua.rs`).
 
 use std::ffi::{c_int, c_void};
@@ -112,7 +113,9 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
         let nargs = base - fn_at;
         #[cfg(feature = "lua51")]
         let status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
-        #[cfg(not(feature = "lua51"))]
+        #[cfg(feature = "lua52")]
+        let status = ffi::lua_pcallk(L, nargs, ffi::LUA_MULTRET, 0, base, Some(scope_k52));
+        #[cfg(not(any(feature = "lua51", feature = "lua52")))]
         let status = ffi::lua_pcallk(
             L,
             nargs,
@@ -197,8 +200,22 @@ unsafe fn quick_options(L: *mut lua_State) -> Option<(Option<usize>, Option<u64>
 /// The largest integer mem.lua accepts for byte counts (2^53, exact in a double).
 const MAX_EXACT: f64 = 9007199254740992.0;
 
+/// Continuation of `l_scope` after `fn` yielded, in Lua 5.2's form: a plain `lua_CFunction`
+/// that asks `lua_getctx` for the outcome (`LUA_YIELD` when `fn` went on and returned, an
+/// error status when it raised after a yield: the error object is then on top, as 5.3 leaves
+/// it) and for the context (`base`).
+#[cfg(feature = "lua52")]
+unsafe extern "C-unwind" fn scope_k52(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua as the continuation `l_scope` gave `lua_pcallk`, with its stack.
+    unsafe {
+        let mut base: c_int = 0;
+        let status = ffi::lua_getctx(L, &mut base);
+        scope_finish(L, status, base)
+    }
+}
+
 /// Continuation of `l_scope` after `fn` yielded (5.3+).
-#[cfg(not(feature = "lua51"))]
+#[cfg(not(any(feature = "lua51", feature = "lua52")))]
 unsafe extern "C-unwind" fn scope_k(
     L: *mut lua_State,
     status: c_int,
