@@ -7,11 +7,10 @@
 //! function, but can across its own `pcall` (`scope_lua.rs`).
 
 use std::ffi::{c_int, c_void};
-use std::ptr;
 
 use mlua::ffi::{self, lua_State};
 
-use super::errors::{check_tracker, raise, rethrow};
+use super::errors::{check_stack, check_tracker, raise, rethrow};
 use super::register;
 use super::scopes::{arena_option, close_scope, count_option, open_scope};
 use crate::arena;
@@ -52,7 +51,7 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
     unsafe {
         let t = check_tracker(L);
         let base = ffi::lua_gettop(L);
-        ffi::luaL_checkstack(L, base + 8, c"too many arguments".as_ptr());
+        check_stack(L, t, base + 8, c"too many arguments");
         let mut arena = None;
         let mut guard = Guard::default();
         let quick = match (ffi::lua_type(L, 1), ffi::lua_type(L, 2)) {
@@ -236,7 +235,7 @@ unsafe fn scope_finish(L: *mut lua_State, status: c_int, base: c_int) -> c_int {
         let t = check_tracker(L);
         let token = ffi::lua_touserdata(L, base + 3) as *const Scope;
         let on_exit = ffi::lua_type(L, base + 2) != ffi::LUA_TNIL;
-        ffi::luaL_checkstack(L, 6, ptr::null());
+        check_stack(L, t, 6, c"too many results");
         if on_exit {
             ffi::lua_pushvalue(L, base + 2);
             close_scope(L, t, token, true);
