@@ -1733,6 +1733,11 @@ describe("round 3", function()
       getmetatable(u).__gc = gc
       return u
     end or function(gc) return setmetatable({}, { __gc = gc }) end
+    -- (5.5 sets the collector's parameters with "param")
+    local function set_pause(percent)
+      if _VERSION == "Lua 5.5" then collectgarbage("param", "pause", percent)
+      else collectgarbage("setpause", percent) end
+    end
   ]]
 
   -- README: a coroutine abandoned inside a scope leaves it open until the coroutine is
@@ -1831,7 +1836,7 @@ describe("round 3", function()
       local handlers = {}
       for i = 1, 3000 do handlers[i] = load_string("return function() end", "=handler" .. i)() end
       local misplaced, ran = 0, 0
-      collectgarbage("setpause", 10)
+      set_pause(10)
       for i = 1, #handlers do
         new_finalizable(function()
           ran = ran + 1
@@ -1842,7 +1847,7 @@ describe("round 3", function()
         end)
         mem.scope(handlers[i]) -- its default name is made as the module's bookkeeping
       end
-      collectgarbage("setpause", 200)
+      set_pause(200)
       collectgarbage()
       print(("finalizers run: %d, objects outside their arena: %d"):format(ran, misplaced))
     ]], "finalizers run: 3000, objects outside their arena: 0", 120)
@@ -1854,12 +1859,12 @@ describe("round 3", function()
       local load_string = rawget(_G, "loadstring") or load
       local handlers = {}
       for i = 1, 2000 do handlers[i] = load_string("return function() end", "=handler" .. i)() end
-      collectgarbage("setpause", 10)
+      set_pause(10)
       for i = 1, #handlers do
         new_finalizable(function() mem.current() end)
         mem.scope({ name = "request " .. i, arena = true }, function() mem.scope(handlers[i]) end)
       end
-      collectgarbage("setpause", 200)
+      set_pause(200)
       mem.settle()
       mem.settle()
       local pinned = 0

@@ -704,10 +704,11 @@ unsafe fn serve_buffer<const MIMALLOC: bool>(
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
     // SAFETY: forwarded contract.
     let result = unsafe { serve::<MIMALLOC>(t, block, osize, nsize) };
-    t.aux.served(block, result, osize, nsize);
+    t.aux.served(block, result, osize, nsize, caller);
     result
 }
 
@@ -791,10 +792,10 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     // lauxlib's string buffers: not Lua's memory (see `crate::auxbuf`).
     #[cfg(aux_buffers)]
     if (block.is_null() && osize == 0 && tracker.aux.is_buffer_site(caller, nsize))
-        || tracker.aux.is_live_buffer(block)
+        || tracker.aux.is_live_buffer(block, caller)
     {
         // SAFETY: forwarded contract.
-        return unsafe { serve_buffer::<MIMALLOC>(tracker, block, osize, nsize) };
+        return unsafe { serve_buffer::<MIMALLOC>(tracker, block, osize, nsize, caller) };
     }
     #[cfg(not(aux_buffers))]
     let _ = caller;
@@ -878,7 +879,7 @@ pub(crate) unsafe fn traced<const MIMALLOC: bool>(
     // (lauxlib's string buffers are not Lua's memory: not recorded, see `crate::auxbuf`)
     #[cfg(aux_buffers)]
     if (block.is_null() && osize == 0 && t.aux.is_buffer_site(caller, nsize))
-        || t.aux.is_live_buffer(block)
+        || t.aux.is_live_buffer(block, caller)
     {
         // SAFETY: forwarded contract.
         return unsafe { counted::<MIMALLOC>(t, ud, block, osize, nsize, caller) };
