@@ -11,12 +11,16 @@ usage="usage: scripts/rock.sh luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4|
 interp=${1:?$usage}
 root=$PWD
 tree=$root/.luarocks/$interp
-extra_path= extra_cpath= path_dir=
+extra_path= extra_cpath= path_dir= after_path= after_cpath=
 case "$interp" in
   luajit) version=5.1; incdir=/usr/include/luajit-2.1 ;;
   luajit-current)
     version=5.1; path_dir=$root/.luajit/bin; incdir=$root/.luajit/include
-    [ -x "$path_dir/$interp" ] || bash scripts/luajit.sh ;;
+    [ -x "$path_dir/$interp" ] || bash scripts/luajit.sh
+    # (built with LuaJIT's default prefix, /usr/local: Debian's Lua 5.1 modules, busted's
+    # included, after its defaults)
+    after_path=";/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua"
+    after_cpath=";/usr/lib/$(gcc -print-multiarch)/lua/5.1/?.so" ;;
   lua5.1) version=5.1; incdir=/usr/include/lua5.1 ;;
   lua5.2) version=5.2; incdir=/usr/include/lua5.2 ;;
   lua5.3) version=5.3; incdir=/usr/include/lua5.3 ;;
@@ -54,7 +58,7 @@ LUA
 LUAROCKS_CONFIG=$config luarocks --lua-version="$version" --tree="$tree" make lunet-mem-dev-1.rockspec >&2
 share=$tree/share/lua/$version
 lib=$tree/lib/lua/$version
-exports="export LUA_PATH='$share/?.lua;$share/?/init.lua;;' LUA_CPATH='$lib/?.so;;'"
+exports="export LUA_PATH='$share/?.lua;$share/?/init.lua;;$after_path' LUA_CPATH='$lib/?.so;;$after_cpath'"
 # (lua5.5 reads LUA_PATH_5_5/LUA_CPATH_5_5 first: the stand-ins, built for 5.5, stay out of the
 # paths of `busted --lua=lua5.5`'s first process, which runs under another Lua)
 [ -z "$extra_path$extra_cpath" ] || exports="$exports LUA_PATH_5_5='$share/?.lua;$share/?/init.lua;$extra_path;' LUA_CPATH_5_5='$lib/?.so;$extra_cpath;'"

@@ -663,6 +663,14 @@ unsafe fn raw_close_thread(co: *mut lua_State, from: *mut lua_State) -> c_int {
 pub(crate) unsafe extern "C-unwind" fn co_close(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; mirrors `luaB_close`.
     unsafe {
+        // (5.5: the coroutine is optional, the running one by default)
+        #[cfg(feature = "lua55")]
+        let co = if ffi::lua_type(L, 1) == ffi::LUA_TNONE {
+            L
+        } else {
+            get_co(L)
+        };
+        #[cfg(feature = "lua54")]
         let co = get_co(L);
         let status = auxstatus54(L, co);
         match status {
@@ -676,6 +684,19 @@ pub(crate) unsafe extern "C-unwind" fn co_close(L: *mut lua_State) -> c_int {
                     2
                 }
             }
+            // 5.5: a coroutine closes itself (not the main thread): its pending `__close`
+            // handlers run, and it ends as if it had returned to its resumer, whose wrapper
+            // restores the resumer's scope; the scopes it had open end when it is collected
+            // (as for a coroutine abandoned inside a scope).
+            #[cfg(feature = "lua55")]
+            CO54_RUNNING => {
+                ffi::lua_rawgeti(L, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_MAINTHREAD);
+                if ffi::lua_tothread(L, -1) == co {
+                    ffi::luaL_error(L, c"cannot close main thread".as_ptr());
+                }
+                ffi::lua_closethread(co, L); // (does not return)
+                0
+            }
             _ => ffi::luaL_error(
                 L,
                 c"cannot close a %s coroutine".as_ptr(),
@@ -685,6 +706,8 @@ pub(crate) unsafe extern "C-unwind" fn co_close(L: *mut lua_State) -> c_int {
     }
 }
 
+#[cfg(feature = "lua55")]
+const CO54_RUNNING: usize = 0;
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 const CO54_DEAD: usize = 1;
 #[cfg(any(feature = "lua54", feature = "lua55"))]
