@@ -274,6 +274,22 @@ describe("crashes and hangs", function()
       end)
     end
 
+    -- The guard that turns the compiler off while a budget is open is beta3's (and the older
+    -- betas'): a current LuaJIT 2.1 has the fixes of LuaJIT issues #906, #1034 and #1066 (a
+    -- failed allocation in compiled code, in a fast function, while a coroutine is resumed)
+    -- and keeps it on, so that the specs above run there with the compiler on, in the budget.
+    it_jit("keep the compiler on inside a budget and a fail_after run on a LuaJIT that is not a beta",
+      function()
+        expect_child([[
+          local mem = require "lunet.mem"
+          local in_scope = mem.scope({ limit = 1e6 }, function() return (jit.status()) end)
+          local _, in_run = mem.fail_after(1e6, function() return (jit.status()) end)
+          print(("compiler in a budget: %s, in fail_after: %s"):format(tostring(in_scope),
+            tostring(in_run)))
+        ]], BETA_JIT and "compiler in a budget: false, in fail_after: false"
+          or "compiler in a budget: true, in fail_after: true")
+      end)
+
     -- An error in a guarded scope's opening (here: jit.off() refused inside a finalizer) must
     -- not leave the count of open budgets wrong: the next budget runs with the compiler off.
     it_beta("keep the compiler off in a budget opened after one that failed inside a finalizer",
