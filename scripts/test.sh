@@ -98,6 +98,11 @@ count "cargo test (lunet-mem-c, no Lua)" "$p" "$f_" "$log"
 echo "== luarocks make + busted"
 for lua in "${interpreters[@]}"; do
   log="$log_dir/rock-$lua.log"
+  # (lua5.5 is built from the sources in the upstream suites folder: without it, no 5.5)
+  if [ "$lua" = lua5.5 ] && { bash scripts/lua55.sh >"$log" 2>&1; [ $? -eq 3 ]; }; then
+    echo "skip $lua: $(tail -n 1 "$log")"
+    continue
+  fi
   if ! env_line=$(bash scripts/rock.sh "$lua" 2>"$log"); then
     count "luarocks make ($lua)" 0 1 "$log"
     continue

@@ -1,7 +1,8 @@
 -- Lua 5.5 makes the control variables of a `for` loop read-only. Debian's busted stack (penlight
 -- 1.13's pl.tablex, pl.seq, pl.app, pl.lapp, busted's moonscript loader) assigns to them here
--- and there, so those files do not compile on 5.5. This searcher, run before lua5.5 starts
--- busted (scripts/test.sh sets LUA_INIT_5_5 to this file for busted's run only), stands in for
+-- and there, so those files do not compile on 5.5 (nor does one file of Debian's luacheck, a
+-- workload of bench/run.sh). This searcher, run before lua5.5 starts busted (scripts/test.sh
+-- sets LUA_INIT_5_5 to this file for busted's run only; bench/run.sh too), stands in for
 -- the Lua file searcher: a file that compiles is loaded as it is; one that fails for that reason
 -- only is loaded with every loop's variables copied into fresh locals of the same names
 -- (`for k, v in e do` -> `for k_, v_ in e do local k, v = k_, v_`), which 5.4 and earlier do
