@@ -611,10 +611,7 @@ local function check_scope_stats(rec, s, sampled)
   if rec.limit then
     local kept = s.kept_bytes
     if kept then
-      -- (LuaJIT runs a finalizer as a hook, where a budget admits what goes past it and the
-      -- scope fails when it closes: README, Budgets on LuaJIT)
-      if (sampled or not IS_JIT) and not OOM_DEFERRED and not (IS_JIT and rec.in_fin)
-        and kept > rec.limit then
+      if (sampled or not IS_JIT) and not OOM_DEFERRED and kept > rec.limit then
         note_failure("budget", s.name, "kept_bytes", kept, rec.limit)
       end
     else
@@ -818,7 +815,6 @@ function EXEC.scope(n, ctx)
   local name = named and ("s" .. scope_seq) or nil
   local arena = n.form == "opts" and n.arena ~= false
   local rec = new_rec(name, effective(ctx), n.form == "opts" and n.limit, arena, false)
-  rec.in_fin = ctx.kind == "fin"
   local depth, nonyield = ctx.depth, ctx.nonyield
   -- (the shared function's default name is computed once; a fresh closure's each time)
   local fn = n.shared_fn and scope_body or function(...) return fresh_scope_fn(...) end
