@@ -274,12 +274,11 @@ unsafe fn new_state(counting: &Counting) -> *mut ffi::lua_State {
     let ud = counting as *const Counting as *mut c_void;
     // SAFETY: the caller's contract.
     #[cfg(feature = "lua55")]
-    return unsafe { ffi::lua_newstate(counting_alloc, ud, 0x5eed) };
+    let L = unsafe { ffi::lua_newstate(counting_alloc, ud, 0x5eed) };
     // SAFETY: the caller's contract.
     #[cfg(not(feature = "lua55"))]
-    unsafe {
-        ffi::lua_newstate(counting_alloc, ud)
-    }
+    let L = unsafe { ffi::lua_newstate(counting_alloc, ud) };
+    L
 }
 
 #[test]
