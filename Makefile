@@ -13,7 +13,8 @@
 #   make fmt / lint    rustfmt; clippy for every Lua version and luacheck
 #   make rust-test     the Rust tests of both crates (vendored Lua 5.4; `cargo test` runs the module's)
 LUA ?= lua5.4
-FEATURES := luajit lua51 lua53 lua54
+FEATURES := luajit lua51 lua52 lua53 lua54 lua55
+INTERPRETERS := luajit luajit-current lua5.1 lua5.2 lua5.3 lua5.4 lua5.5
 
 .PHONY: test demo spec fuzz conformance sanitize bench bench-scope bench-c fmt lint rust-test setup
 
@@ -27,14 +28,15 @@ demo:
 	bash scripts/demo.sh
 
 spec:
-	eval "$$(bash scripts/rock.sh $(LUA))" && LUNET_MEM_LUA=$(LUA) busted --lua=$(LUA) spec/
+	eval "$$(bash scripts/rock.sh $(LUA))" && LUNET_MEM_LUA=$(LUA) \
+	  LUA_INIT_5_5="@$$PWD/tests/busted55/compat.lua" busted --lua=$(LUA) spec/
 
 fuzz:
-	for lua in luajit lua5.1 lua5.3 lua5.4; do \
+	for lua in $(INTERPRETERS); do \
 	  (eval "$$(bash scripts/rock.sh $$lua)" && bash scripts/fuzz.sh --lua $$lua) || exit 1; done
 
 conformance:
-	for lua in luajit lua5.3 lua5.4; do \
+	for lua in luajit luajit-current lua5.3 lua5.4 lua5.5; do \
 	  (eval "$$(bash scripts/rock.sh $$lua)" && bash scripts/conformance.sh --lua $$lua) || exit 1; done
 
 sanitize:

@@ -6,7 +6,7 @@
 // - `type_tags`: the allocator gets a type tag for new objects (Lua 5.2+);
 // - `lua54_gc`: Lua 5.4's collector (generational mode, stacks shrunk only when incremental);
 // - `aux_buffers`: lauxlib's string buffers allocate through `lua_getallocf` (5.3+);
-// - `c_scope`: `mem.scope` is C with a continuation (PUC Lua but 5.2, whose `lua_pcallk` differs).
+// - `c_scope`: `mem.scope` is C, with a continuation on 5.2+ (PUC Lua; LuaJIT's is Lua).
 fn main() {
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
         println!("cargo:rustc-cdylib-link-arg=-Wl,-z,nodelete");
@@ -24,7 +24,9 @@ fn main() {
         ),
         (
             "c_scope",
-            ["lua51", "lua53", "lua54", "lua55"].iter().any(|f| has(f)),
+            ["lua51", "lua52", "lua53", "lua54", "lua55"]
+                .iter()
+                .any(|f| has(f)),
         ),
     ];
     for (name, on) in cfgs {

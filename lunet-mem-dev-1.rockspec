@@ -8,12 +8,12 @@ description = {
    detailed = [[
       A Rust module (mlua) that wraps the Lua state's allocator and counts every allocation
       exactly: stats, memory-neutrality checkpoints, repeat-and-compare leak checks, scopes that
-      follow coroutines, and busted assertions. LuaJIT 2.1 and Lua 5.1 to 5.4.
+      follow coroutines, and busted assertions. LuaJIT 2.1 and Lua 5.1 to 5.5.
    ]],
    license = "MIT",
 }
 dependencies = {
-   "lua >= 5.1, < 5.5",
+   "lua >= 5.1, < 5.6",
 }
 build = {
    -- Built with cargo (no rock needed): scripts/rock-build.sh picks the Lua version from the

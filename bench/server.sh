@@ -2,13 +2,15 @@
 # examples/server.lua under wrk, per interpreter: bare (no module), track (module loaded, no
 # scopes) and arena (each request in mem.scope{arena = true, limit = ...}), one after the other,
 # `wrk -t2 -c16 -d5s --latency` on /users; prints requests/s, p99 latency and the ratios to bare.
-#   bash bench/server.sh [interpreter...]      (default: luajit lua5.1 lua5.3 lua5.4)
+#   bash bench/server.sh [interpreter...]   (default: luajit luajit-current lua5.1 lua5.2 lua5.3
+#                                            lua5.4; lua5.5 has no lua-luv in Debian)
 # Needs the rock built for each (scripts/rock.sh), wrk and lua-luv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . tests/server_lib.sh
 interpreters=("$@")
-[ ${#interpreters[@]} -eq 0 ] && interpreters=(luajit lua5.1 lua5.3 lua5.4)
+[ ${#interpreters[@]} -eq 0 ] && interpreters=(luajit luajit-current lua5.1 lua5.2 lua5.3 lua5.4)
+export PATH="$PWD/.luajit/bin:$PATH"
 seconds=${WRK_SECONDS:-5}
 work=$(mktemp -d)
 server_pid=

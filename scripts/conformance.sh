@@ -52,14 +52,17 @@ root=$PWD
 driver=$root/tests/conformance/driver.lua
 
 # One line per interpreter: the command (on PATH, or a path), the suite's kind (puc: all.lua
-# and its files; luajit: test.lua), its folder under the suites directory. Lua 5.5 is one more
-# line, "lua5.5 puc lua-5.5.0/testes" (the driver runs that suite bare as `lua -e "_U=true"
-# all.lua` does: checked with the lua built from lua-5.5.0's sources).
+# and its files; luajit: test.lua), its folder under the suites directory. lua5.5 and
+# luajit-current are the project's own builds (scripts/lua55.sh, scripts/luajit.sh: .lua55/bin,
+# .luajit/bin, put on PATH here); LuaJIT's suite runs on both LuaJITs.
 SUITES=(
+  "lua5.5 puc lua-5.5.0/testes"
   "lua5.4 puc lua-5.4.4/testes"
   "lua5.3 puc lua-5.3.6/testes"
   "luajit luajit luajit-tests/test"
+  "luajit-current luajit luajit-tests/test"
 )
+export PATH="$root/.lua55/bin:$root/.luajit/bin:$PATH"
 ALL_MODES=loaded,scope,arena,budget,trace,trace_sampled
 
 suites=${LUNET_MEM_SUITES:-$root/../shared/suites}
@@ -407,7 +410,7 @@ for line in "${SUITES[@]}"; do
     fail "$interp: no rock (scripts/rock.sh $interp)" "$logs/rock-$tag.log"
     continue
   fi
-  unset LUA_PATH LUA_CPATH
+  unset LUA_PATH LUA_CPATH LUA_PATH_5_5 LUA_CPATH_5_5
   eval "$env_line"
   export LUA_PATH LUA_CPATH
   # The module must load (the rock may be being rebuilt: a few tries).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, from a fresh Debian machine:
-#   bash scripts/demo.sh [luajit|lua5.1|lua5.3|lua5.4]
+#   bash scripts/demo.sh [luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4|lua5.5]
 # Installs what it needs, builds and installs the rock with `luarocks make` into .luarocks/,
 # and runs examples/demo.lua: a request loop in scopes, its stats, and a planted leak found.
 set -euo pipefail

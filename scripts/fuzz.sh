@@ -2,7 +2,8 @@
 # Runs the seeded random-program fuzzer (tests/fuzz/fuzz.lua) on each interpreter, seeds in
 # batches (one process per batch, under `timeout`), and ends with "N passed, N failed".
 #
-#   bash scripts/fuzz.sh                      # CI: 100 seeds from 1 on luajit, lua5.1, lua5.3, lua5.4
+#   bash scripts/fuzz.sh                      # CI: 100 seeds from 1 on each of the seven
+#                                             # interpreters (scripts/test.sh's list)
 #   bash scripts/fuzz.sh --seeds 2000 --from 5000 --lua lua5.4
 #   bash scripts/fuzz.sh --lua luajit --lua lua5.1 --steps 120
 #
@@ -38,7 +39,9 @@ while [ $# -gt 0 ]; do
     *) echo "fuzz.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#interps[@]} -gt 0 ] || interps=(luajit lua5.1 lua5.3 lua5.4)
+[ ${#interps[@]} -gt 0 ] || interps=(luajit luajit-current lua5.1 lua5.2 lua5.3 lua5.4 lua5.5)
+# (the interpreters the project builds: scripts/lua55.sh, scripts/luajit.sh)
+export PATH="$PWD/.lua55/bin:$PWD/.luajit/bin:$PATH"
 
 fuzzer=tests/fuzz/fuzz.lua
 step_args=()

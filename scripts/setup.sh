@@ -4,7 +4,7 @@
 # Rust components. Safe to run again.
 set -euo pipefail
 
-pkgs=(luajit libluajit-5.1-dev lua5.1 liblua5.1-0-dev lua5.3 liblua5.3-dev lua5.4 liblua5.4-dev
+pkgs=(luajit libluajit-5.1-dev lua5.1 liblua5.1-0-dev lua5.2 liblua5.2-dev lua5.3 liblua5.3-dev lua5.4 liblua5.4-dev
       lua-busted luarocks lua-check pkg-config gcc make valgrind libuv1-dev lua-luv wrk
       prometheus golang-go)
 missing=()

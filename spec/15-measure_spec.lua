@@ -58,9 +58,22 @@ describe("mem.measure()", function()
       local keep = { false }
       local m = mem.measure({ warmup = 0 }, function() keep[1] = new_table(n) end)
       assert.are.equal(size, m.net_bytes)
-      assert.are.equal(size, m.peak_bytes)
+      if helpers.version == "lua55" then
+        -- (5.5 grows a table's array into a new block, then frees the old one: both are live
+        -- for a moment; the others resize it in place)
+        assert.is_true(m.peak_bytes >= size and m.peak_bytes <= 2 * size,
+          ("peak %d for a table of %d bytes"):format(m.peak_bytes, size))
+      else
+        assert.are.equal(size, m.peak_bytes)
+      end
       assert.are.equal(size, m.retained_bytes)
-      assert.are.equal(2, m.allocs) -- the table and its array (grown in place: reallocs)
+      if helpers.version == "lua55" then
+        -- the table and its array, each growth of the array a new block and a free
+        assert.are.equal(m.allocs - 2, m.frees)
+        assert.are.equal(0, m.reallocs)
+      else
+        assert.are.equal(2, m.allocs) -- the table and its array (grown in place: reallocs)
+      end
       assert.are.equal(m.allocated_bytes - m.freed_bytes, m.net_bytes)
       -- what a call drops is not retained
       assert.are.equal(0, mem.measure(new_table, n).retained_bytes)

@@ -4,7 +4,7 @@ local helpers = {}
 
 helpers.mem = require "lunet.mem"
 helpers.is_jit = rawget(_G, "jit") ~= nil
-helpers.version = helpers.mem.lua -- "luajit", "lua51", ..., "lua54"
+helpers.version = helpers.mem.lua -- "luajit", "lua51", ..., "lua55"
 helpers.can_yield_in_scope = helpers.version ~= "lua51"
 
 -- The interpreter running the specs, for the specs that start a fresh process.

@@ -14,6 +14,15 @@
 //! learnt when the module is opened ([`calibrate`]: each lauxlib function that can make one is
 //! called once with a size nothing else asks for). A box's later resizes and its free are known
 //! by its address. The hook serves a box's calls and reports them here ([`AuxBuffers::served`]).
+//!
+//! Lua 5.5: `luaL_pushresult` hands a box's block over to Lua as the body of an external string
+//! (`lua_pushexternalstring`, with the state's allocator as the string's own to free it): only
+//! the string's header is Lua's memory. The body is counted apart too (`external_bytes`,
+//! `external_blocks`) from the handover (`luaL_pushresult` shrinks the box to its content:
+//! lauxlib shrinks a box nowhere else) until the collector frees it through the allocator, from
+//! the place in the collector that the calibration learns (its own strings are collected
+//! once). A body handed over at exactly its box's size (no shrink to see) stays counted as a
+//! buffer until it is freed.
 
 use std::cell::{Cell, UnsafeCell};
 use std::ffi::{c_char, c_int, c_void};
@@ -40,6 +49,18 @@ pub struct AuxBuffers {
     live_count: Cell<usize>,
     /// Bytes in live boxes.
     pub bytes: Cell<u64>,
+    /// Lua 5.5: external string bodies lauxlib made, by address, with their sizes.
+    #[cfg(feature = "lua55")]
+    external: UnsafeCell<crate::fxhash::FxMap<usize, usize>>,
+    /// `external.len()`, readable without touching the map.
+    #[cfg(feature = "lua55")]
+    external_count: Cell<usize>,
+    /// Bytes in external string bodies.
+    #[cfg(feature = "lua55")]
+    pub external_bytes: Cell<u64>,
+    /// Where the collector frees an external string's body.
+    #[cfg(feature = "lua55")]
+    external_free_site: Cell<usize>,
 }
 
 impl Default for AuxBuffers {
@@ -50,6 +71,14 @@ impl Default for AuxBuffers {
             live: UnsafeCell::new(Vec::new()),
             live_count: Cell::new(0),
             bytes: Cell::new(0),
+            #[cfg(feature = "lua55")]
+            external: Default::default(),
+            #[cfg(feature = "lua55")]
+            external_count: Cell::new(0),
+            #[cfg(feature = "lua55")]
+            external_bytes: Cell::new(0),
+            #[cfg(feature = "lua55")]
+            external_free_site: Cell::new(NO_SITE),
         }
     }
 }
@@ -63,7 +92,9 @@ impl AuxBuffers {
             || caller == s[1].get()
             || caller == s[2].get()
             || (s[3].get() != NO_SITE && self.is_later_site(caller))
-            || (self.calibrating.get() && nsize == CALIBRATION_SIZE && self.learn(caller))
+            || (self.calibrating.get()
+                && (nsize == CALIBRATION_SIZE || nsize == CALIBRATION_SIZE + 1)
+                && self.learn(caller))
     }
 
     #[cold]
@@ -94,10 +125,32 @@ impl AuxBuffers {
         self.sites[0].get() != NO_SITE
     }
 
-    /// Whether `block` is a live box.
+    /// Whether `block` is a live box (or, on 5.5, an external string body that the collector
+    /// frees: `caller` is the hook's caller).
     #[inline(always)]
-    pub fn is_live_buffer(&self, block: *mut c_void) -> bool {
+    pub fn is_live_buffer(&self, block: *mut c_void, caller: usize) -> bool {
+        #[cfg(feature = "lua55")]
+        if self.external_count.get() != 0
+            && (caller == self.external_free_site.get() || self.calibrating.get())
+            && self.externals().contains_key(&(block as usize))
+        {
+            return true;
+        }
+        let _ = caller;
         self.live_count.get() != 0 && self.index_of(block as usize).is_some()
+    }
+
+    /// The number of external string bodies (5.5).
+    #[cfg(feature = "lua55")]
+    pub fn external_blocks(&self) -> usize {
+        self.external_count.get()
+    }
+
+    #[cfg(feature = "lua55")]
+    #[allow(clippy::mut_from_ref)]
+    fn externals(&self) -> &mut crate::fxhash::FxMap<usize, usize> {
+        // SAFETY: reached only through these methods, which never call out while holding it.
+        unsafe { &mut *self.external.get() }
     }
 
     /// The number of live boxes.
@@ -124,7 +177,19 @@ impl AuxBuffers {
     /// (`block` null), a resize or a free of the live box `block`; `result` is what serving
     /// returned.
     #[inline]
-    pub fn served(&self, block: *mut c_void, result: *mut c_void, osize: usize, nsize: usize) {
+    pub fn served(
+        &self,
+        block: *mut c_void,
+        result: *mut c_void,
+        osize: usize,
+        nsize: usize,
+        caller: usize,
+    ) {
+        #[cfg(feature = "lua55")]
+        if !block.is_null() && self.external_freed(block as usize, nsize, caller) {
+            return;
+        }
+        let _ = caller;
         if block.is_null() {
             if !result.is_null() {
                 self.list().push((result as usize, nsize));
@@ -144,7 +209,46 @@ impl AuxBuffers {
             self.list()[i] = (result as usize, nsize);
             self.bytes
                 .set(self.bytes.get() + nsize as u64 - osize as u64);
+            #[cfg(feature = "lua55")]
+            self.maybe_handed_over(i, osize, nsize);
         }
+    }
+
+    /// 5.5: after a box was resized from `osize` to `nsize`: a shrink (not to 0) is
+    /// `luaL_pushresult` fitting the block to its content to hand it over as an external
+    /// string's body (lauxlib shrinks a box nowhere else; its calls to the allocator may all
+    /// come from one place, so the place cannot tell): the block is that body from now on.
+    #[cfg(feature = "lua55")]
+    fn maybe_handed_over(&self, i: usize, osize: usize, nsize: usize) {
+        if nsize >= osize {
+            return;
+        }
+        let (addr, size) = self.list().swap_remove(i);
+        self.bytes.set(self.bytes.get() - size as u64);
+        self.changed();
+        self.externals().insert(addr, size);
+        self.external_count.set(self.externals().len());
+        self.external_bytes
+            .set(self.external_bytes.get() + size as u64);
+    }
+
+    /// 5.5: counts the free of an external string's body by the collector (its place learnt
+    /// while calibrating); returns whether `block` was one.
+    #[cfg(feature = "lua55")]
+    fn external_freed(&self, block: usize, nsize: usize, caller: usize) -> bool {
+        if nsize != 0 || self.external_count.get() == 0 {
+            return false;
+        }
+        let Some(size) = self.externals().remove(&block) else {
+            return false;
+        };
+        if self.calibrating.get() && self.external_free_site.get() == NO_SITE {
+            self.external_free_site.set(caller);
+        }
+        self.external_count.set(self.externals().len());
+        self.external_bytes
+            .set(self.external_bytes.get() - size as u64);
+        true
     }
 }
 
@@ -206,6 +310,12 @@ pub unsafe fn calibrate(L: *mut lua_State, aux: &AuxBuffers) {
         ffi::lua_pushcfunction(L, run);
         if ffi::lua_pcall(L, 0, 0, 0) != ffi::LUA_OK {
             ffi::lua_pop(L, 1);
+        }
+        // (5.5: the strings `run` made own their bodies; their collection shows where the
+        // collector frees such a body)
+        #[cfg(feature = "lua55")]
+        if aux.external_count.get() != 0 {
+            ffi::lua_gc(L, ffi::LUA_GCCOLLECT);
         }
         aux.calibrating.set(false);
     }

@@ -272,7 +272,7 @@ impl Tracker {
     }
 
     /// Lua 5.4.4+ and 5.5: whether the collector is calling a `__gc` finalizer (`lua_gc` answers
-    /// -1 then, "internal stop"). Such a call is not the scope's code, and Lua drops a finalizer
+    /// -1 then, "internal stop"); LuaJIT: the same, read from the VM (its hook mask). Such a call is not the scope's code, and Lua drops a finalizer
     /// whose call fails for memory (with a warning): refused there, a finalizer that ends a
     /// coroutine's scopes, or frees a resource, would never run. So what a budget would refuse
     /// there is made for the scope (its arena, its counts) but not charged to its budget. Only
@@ -286,7 +286,9 @@ impl Tracker {
             // the collector's state (no allocation, no error).
             !main.is_null() && unsafe { ffi::lua_gc(main, ffi::LUA_GCISRUNNING) } == -1
         }
-        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+        #[cfg(feature = "luajit")]
+        return vm_in_finalizer(self);
+        #[cfg(not(any(feature = "lua54", feature = "lua55", feature = "luajit")))]
         false
     }
 
@@ -342,9 +344,15 @@ impl Tracker {
             // also keeps a hook from failing inside mem.scope's own frames)
             // (on 2.1 betas no refusal is safe anywhere: every one waits for a safe point, see
             // `crate::luajit::BudgetHook::arm`)
+            // (a `__gc` finalizer runs as a hook too, but is no instrumentation: on a LuaJIT
+            // that is not a beta, what it allocates past a budget is made uncharged, as on
+            // 5.4, see `collector_in_finalizer`)
             Doing::Running => {
                 self.jit_compiling.set(false);
-                (scope, self.oom_unsafe_jit.get() || vm_in_hook(self))
+                (
+                    scope,
+                    self.oom_unsafe_jit.get() || (vm_in_hook(self) && !vm_in_finalizer(self)),
+                )
             }
             Doing::Compiled => (scope, self.oom_unsafe_jit.get()),
             // (the collector's frees count as before; its rare allocations, such as the string
@@ -614,6 +622,13 @@ fn vm_in_hook(t: &Tracker) -> bool {
     t.vm.get().is_some_and(|vm| vm.in_hook())
 }
 
+/// LuaJIT: whether the collector is calling a `__gc` finalizer.
+#[cfg(feature = "luajit")]
+#[cold]
+fn vm_in_finalizer(t: &Tracker) -> bool {
+    t.vm.get().is_some_and(|vm| vm.in_finalizer())
+}
+
 /// Gets, resizes or frees a block for `tracker`, from where `SERVE` says.
 ///
 /// # Safety
@@ -715,10 +730,11 @@ unsafe fn serve_buffer<const MIMALLOC: bool>(
     block: *mut c_void,
     osize: usize,
     nsize: usize,
+    caller: usize,
 ) -> *mut c_void {
     // SAFETY: forwarded contract.
     let result = unsafe { serve::<MIMALLOC>(t, block, osize, nsize) };
-    t.aux.served(block, result, osize, nsize);
+    t.aux.served(block, result, osize, nsize, caller);
     result
 }
 
@@ -802,10 +818,10 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     // lauxlib's string buffers: not Lua's memory (see `crate::auxbuf`).
     #[cfg(aux_buffers)]
     if (block.is_null() && osize == 0 && tracker.aux.is_buffer_site(caller, nsize))
-        || tracker.aux.is_live_buffer(block)
+        || tracker.aux.is_live_buffer(block, caller)
     {
         // SAFETY: forwarded contract.
-        return unsafe { serve_buffer::<MIMALLOC>(tracker, block, osize, nsize) };
+        return unsafe { serve_buffer::<MIMALLOC>(tracker, block, osize, nsize, caller) };
     }
     #[cfg(not(aux_buffers))]
     let _ = caller;
@@ -846,7 +862,9 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     if !scope.is_null()
         && nsize > osize
         && !tracker.admits(scope, nsize - osize, defer)
-        && (tracker.may_refuse_growth(block) || !tracker.overdraw(scope))
+        && (tracker.may_refuse_growth(block)
+            || tracker.collector_in_finalizer()
+            || !tracker.overdraw(scope))
     {
         if !tracker.collector_in_finalizer() {
             // SAFETY: the live active scope.
@@ -889,7 +907,7 @@ pub(crate) unsafe fn traced<const MIMALLOC: bool>(
     // (lauxlib's string buffers are not Lua's memory: not recorded, see `crate::auxbuf`)
     #[cfg(aux_buffers)]
     if (block.is_null() && osize == 0 && t.aux.is_buffer_site(caller, nsize))
-        || t.aux.is_live_buffer(block)
+        || t.aux.is_live_buffer(block, caller)
     {
         // SAFETY: forwarded contract.
         return unsafe { counted::<MIMALLOC>(t, ud, block, osize, nsize, caller) };

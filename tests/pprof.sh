@@ -5,13 +5,13 @@
 # `-tagfocus scope=<name>` must keep that scope's samples only, and `-sample_index=inuse_space`
 # must sum to the snapshot's live bytes (exact trace, within 1%). Then `bin/lunet-mem run
 # --pprof` with a sampled trace must write a profile with its period set.
-#   bash tests/pprof.sh luajit|lua5.1|lua5.3|lua5.4
+#   bash tests/pprof.sh luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4
 # lunet.mem must be loadable by the interpreter (LUA_PATH/LUA_CPATH, e.g. the line that
 # scripts/rock.sh prints). Prints "ok - ..." / "not ok - ..." per check, then
 # "N passed, N failed"; exits non-zero when one fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-lua=${1:?usage: tests/pprof.sh luajit|lua5.1|lua5.3|lua5.4}
+lua=${1:?usage: tests/pprof.sh luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

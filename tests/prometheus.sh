@@ -6,11 +6,11 @@
 # summed by on_exit), then asks Prometheus's HTTP API (/api/v1/query) for the per-route request
 # counts and allocated-bytes sums it stored and checks they are equal; `promtool check metrics`
 # checks the text. Stops everything on exit. Needs prometheus, wrk and a built rock (scripts/rock.sh).
-#   bash tests/prometheus.sh luajit|lua5.1|lua5.3|lua5.4     [WRK_SECONDS=3]
+#   bash tests/prometheus.sh luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4     [WRK_SECONDS=3]
 # Prints "ok - <check>" or "not ok - <check>: <detail>" per check, then "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-lua=${1:?usage: tests/prometheus.sh luajit|lua5.1|lua5.3|lua5.4}
+lua=${1:?usage: tests/prometheus.sh luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4}
 seconds=${WRK_SECONDS:-3}
 scrape_seconds=1
 

@@ -2,12 +2,12 @@
 # examples/server.lua under load: starts it on 127.0.0.1 (a free port), drives it with wrk twice
 # (tests/server_paths.lua cycles /users, /leak and /big), then /quit, and checks the answers and
 # the server's final report. Installs nothing; the rock must be built (scripts/rock.sh).
-#   bash tests/server.sh luajit|lua5.1|lua5.3|lua5.4     [WRK_SECONDS=4]
+#   bash tests/server.sh luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4     [WRK_SECONDS=4]
 # Prints one line per check, "ok - <check>" or "not ok - <check>: <detail>"; exits non-zero
 # when one fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-lua=${1:?usage: tests/server.sh luajit|lua5.1|lua5.3|lua5.4}
+lua=${1:?usage: tests/server.sh luajit|luajit-current|lua5.1|lua5.2|lua5.3|lua5.4}
 seconds=${WRK_SECONDS:-4}
 
 eval "$(bash scripts/rock.sh "$lua" 2>/dev/null)" || { echo "not ok - rock for $lua: scripts/rock.sh failed"; exit 1; }

@@ -153,7 +153,9 @@ end
 -- collector (lua.c's default) is switched to incremental for the collections and back.
 local stretch = core.stretch
 local switch_mode = VERSION == "lua54" or VERSION == "lua55"
+local settling = false
 local function settle_now()
+  settling = true
   if jit_flush and jit_can_switch() then jit_flush() end
   local mode = switch_mode and collectgarbage("incremental")
   stretch()
@@ -174,17 +176,16 @@ end
 
 -- A finalizer run by one of these collections that settles again (say, by taking a checkpoint)
 -- gets the figures as they are: collections nested in finalizers would run the other pending
--- finalizers from inside each other (and, in Lua 5.1's lua_close, never end).
-local settling = false
-local function settle_done(ok, ...)
-  settling = false
-  if not ok then error((...), 0) end
-  return ...
-end
+-- finalizers from inside each other (and, in Lua 5.1's lua_close, never end). The flag is set
+-- inside the protected call and cleared right after it, where nothing can fail: a memory error
+-- between the two (a budget or fail_after refusing the call's stack) must not leave it set,
+-- which would turn every later settle into a plain reading (fuzzer seed 8 on lua5.2).
 local function settle()
   if settling then return live() end
-  settling = true
-  return settle_done(pcall(settle_now))
+  local ok, bytes, blocks = pcall(settle_now)
+  settling = false
+  if not ok then error(bytes, 0) end
+  return bytes, blocks
 end
 function M.settle(...)
   if select("#", ...) > 0 then
@@ -481,7 +482,7 @@ local function default_name(fn)
 end
 
 -- The one check of mem.scope's arguments: returns `name, on_exit, arena, limit, index of fn`.
--- (On PUC Lua but 5.2, mem.scope is C, src/bindings/scope_c.rs `l_scope`, which calls this for
+-- (On PUC Lua, mem.scope is C, src/bindings/scope_c.rs `l_scope`, which calls this for
 -- every form but `(name, fn)`, a function whose default name is known, and an options table
 -- whose every field is valid at sight; that fast path never raises: anything else comes here.)
 local function prepare(a, b)
@@ -533,7 +534,7 @@ prime_vm()
 if core.make_scope then
   M.scope = core.make_scope(prepare, names)
 else
-  -- LuaJIT (and 5.2): Lua, so that `fn` can yield inside the scope (LuaJIT yields across its
+  -- LuaJIT: Lua, so that `fn` can yield inside the scope (LuaJIT yields across its
   -- own `pcall`, not across a C function). The scope is active only inside the protected call
   -- (src/bindings/scope_lua.rs).
   local scope_prepare, scope_activate = core.scope_prepare, core.scope_activate

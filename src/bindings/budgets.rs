@@ -6,9 +6,9 @@ use std::ffi::c_int;
 
 use mlua::ffi::{self, lua_State};
 
-use super::errors::check_tracker;
 #[cfg(not(c_scope))]
 use super::errors::rethrow;
+use super::errors::{check_stack, check_tracker};
 use super::register;
 use super::scopes::{close_scope, make_scope, push_scope, thread_scopes};
 use crate::hook::Tracker;
@@ -36,7 +36,7 @@ unsafe extern "C-unwind" fn l_fail_run(L: *mut lua_State) -> c_int {
         let n = ffi::luaL_checknumber(L, 1).clamp(0.0, u64::MAX as f64) as u64;
         ffi::luaL_checkany(L, 2);
         let nargs = ffi::lua_gettop(L) - 2;
-        ffi::luaL_checkstack(L, 8, c"too many arguments".as_ptr());
+        check_stack(L, t, 8, c"too many arguments");
         ffi::lua_pushstring(L, c"fail_after".as_ptr());
         ffi::lua_replace(L, 1); // the name, at 1
         let guard = Guard {

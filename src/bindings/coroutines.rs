@@ -35,6 +35,12 @@ use super::{register, rethrow, thread_scopes};
 use crate::hook::Tracker;
 use crate::state;
 
+/// A continuation's context: `lua_KContext` on 5.3+, an `int` on 5.2.
+#[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
+type Context = ffi::lua_KContext;
+#[cfg(feature = "lua52")]
+type Context = c_int;
+
 #[cfg(feature = "lua51")]
 extern "C-unwind" {
     /// Lua 5.1's C stack accounting across a resume (`lbaselib.c` calls it before
@@ -553,19 +559,25 @@ pub(crate) unsafe extern "C-unwind" fn co_yield(L: *mut lua_State) -> c_int {
         }
         #[cfg(any(feature = "lua51", feature = "luajit"))]
         return ffi::lua_yield(L, n);
-        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        #[cfg(feature = "lua52")]
+        return ffi::lua_yieldk(L, n, 0, Some(co_yield_k52));
+        #[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
         return ffi::lua_yieldk(L, n, 0, Some(co_yield_k));
     }
+}
+
+/// [`co_yield_k`] in Lua 5.2's form: a continuation is a plain `lua_CFunction` (its status and
+/// context come from `lua_getctx`, which neither needs here).
+#[cfg(feature = "lua52")]
+unsafe extern "C-unwind" fn co_yield_k52(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua as a continuation, as `co_yield_k`.
+    unsafe { co_yield_k(L, ffi::LUA_YIELD, 0) }
 }
 
 /// Continuation of [`co_yield`]: the coroutine was resumed (by whoever); its scopes are active
 /// again, and the values passed to the resume are `yield`'s results.
 #[cfg(not(any(feature = "lua51", feature = "luajit")))]
-unsafe extern "C-unwind" fn co_yield_k(
-    L: *mut lua_State,
-    _status: c_int,
-    _ctx: ffi::lua_KContext,
-) -> c_int {
+unsafe extern "C-unwind" fn co_yield_k(L: *mut lua_State, _status: c_int, _ctx: Context) -> c_int {
     // SAFETY: called by Lua with the resume's values on the stack; at least LUA_MINSTACK slots
     // are free in a continuation as in a C function.
     unsafe {
@@ -661,6 +673,14 @@ unsafe fn raw_close_thread(co: *mut lua_State, from: *mut lua_State) -> c_int {
 pub(crate) unsafe extern "C-unwind" fn co_close(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua; mirrors `luaB_close`.
     unsafe {
+        // (5.5: the coroutine is optional, the running one by default)
+        #[cfg(feature = "lua55")]
+        let co = if ffi::lua_type(L, 1) == ffi::LUA_TNONE {
+            L
+        } else {
+            get_co(L)
+        };
+        #[cfg(feature = "lua54")]
         let co = get_co(L);
         let status = auxstatus54(L, co);
         match status {
@@ -674,6 +694,19 @@ pub(crate) unsafe extern "C-unwind" fn co_close(L: *mut lua_State) -> c_int {
                     2
                 }
             }
+            // 5.5: a coroutine closes itself (not the main thread): its pending `__close`
+            // handlers run, and it ends as if it had returned to its resumer, whose wrapper
+            // restores the resumer's scope; the scopes it had open end when it is collected
+            // (as for a coroutine abandoned inside a scope).
+            #[cfg(feature = "lua55")]
+            CO54_RUNNING => {
+                ffi::lua_rawgeti(L, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_MAINTHREAD);
+                if ffi::lua_tothread(L, -1) == co {
+                    ffi::luaL_error(L, c"cannot close main thread".as_ptr());
+                }
+                ffi::lua_closethread(co, L); // (does not return)
+                0
+            }
             _ => ffi::luaL_error(
                 L,
                 c"cannot close a %s coroutine".as_ptr(),
@@ -683,6 +716,8 @@ pub(crate) unsafe extern "C-unwind" fn co_close(L: *mut lua_State) -> c_int {
     }
 }
 
+#[cfg(feature = "lua55")]
+const CO54_RUNNING: usize = 0;
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 const CO54_DEAD: usize = 1;
 #[cfg(any(feature = "lua54", feature = "lua55"))]

@@ -237,3 +237,24 @@ pub(crate) unsafe fn no_arguments(L: *mut lua_State, fname: &CStr) {
         }
     }
 }
+
+/// `luaL_checkstack` for the slots of the module's own frames (`mem.scope`, `mem.fail_after`),
+/// grown as the module's bookkeeping: a budget (the scope's, or one it was opened in) never
+/// refuses them. Refused, `lua_checkstack` reports
+/// a memory error as a stack overflow, which would replace the memory error the budget promises
+/// with one nobody can tell from a real overflow (fuzzer seed 71 on lua5.2: the slots of the
+/// results of a scope opened inside a budget at its limit).
+///
+/// # Safety
+/// `L` the running thread, inside a C function of the module. Raises the stock
+/// `stack overflow (msg)` error when the stack cannot grow.
+pub(super) unsafe fn check_stack(L: *mut lua_State, t: &Tracker, n: c_int, msg: &CStr) {
+    let was = t.begin_exempt();
+    // SAFETY: valid state; `lua_checkstack` reports failure instead of raising.
+    let ok = unsafe { ffi::lua_checkstack(L, n) } != 0;
+    t.end_exempt(was);
+    if !ok {
+        // SAFETY: as `luaL_checkstack` would raise it.
+        unsafe { ffi::luaL_checkstack(L, n, msg.as_ptr()) };
+    }
+}

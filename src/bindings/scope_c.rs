@@ -1,16 +1,16 @@
-//! `mem.scope` in C (PUC Lua 5.1, 5.3, 5.4, 5.5).
+//! `mem.scope` in C (PUC Lua 5.1 to 5.5).
 //!
 //! The Lua version in mem.lua costs a few thousand VM instructions per call (varargs, pcall,
 //! select); this one calls `fn` with `lua_pcallk` and a continuation, so that `fn` can still
-//! yield inside the scope (5.3+). LuaJIT keeps the Lua version: it cannot yield across a C
+//! yield inside the scope (5.2+; 5.2's continuation reads its status and context with
+//! `lua_getctx`, 5.3+ gets them as arguments). LuaJIT keeps the Lua version: it cannot yield across a C
 //! function, but can across its own `pcall` (`scope_lua.rs`).
 
 use std::ffi::{c_int, c_void};
-use std::ptr;
 
 use mlua::ffi::{self, lua_State};
 
-use super::errors::{check_tracker, raise, rethrow};
+use super::errors::{check_stack, check_tracker, raise, rethrow};
 use super::register;
 use super::scopes::{arena_option, close_scope, count_option, open_scope};
 use crate::arena;
@@ -51,7 +51,7 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
     unsafe {
         let t = check_tracker(L);
         let base = ffi::lua_gettop(L);
-        ffi::luaL_checkstack(L, base + 8, c"too many arguments".as_ptr());
+        check_stack(L, t, base + 8, c"too many arguments");
         let mut arena = None;
         let mut guard = Guard::default();
         let quick = match (ffi::lua_type(L, 1), ffi::lua_type(L, 2)) {
@@ -112,7 +112,9 @@ unsafe extern "C-unwind" fn l_scope(L: *mut lua_State) -> c_int {
         let nargs = base - fn_at;
         #[cfg(feature = "lua51")]
         let status = ffi::lua_pcall(L, nargs, ffi::LUA_MULTRET, 0);
-        #[cfg(not(feature = "lua51"))]
+        #[cfg(feature = "lua52")]
+        let status = ffi::lua_pcallk(L, nargs, ffi::LUA_MULTRET, 0, base, Some(scope_k52));
+        #[cfg(not(any(feature = "lua51", feature = "lua52")))]
         let status = ffi::lua_pcallk(
             L,
             nargs,
@@ -197,8 +199,22 @@ unsafe fn quick_options(L: *mut lua_State) -> Option<(Option<usize>, Option<u64>
 /// The largest integer mem.lua accepts for byte counts (2^53, exact in a double).
 const MAX_EXACT: f64 = 9007199254740992.0;
 
+/// Continuation of `l_scope` after `fn` yielded, in Lua 5.2's form: a plain `lua_CFunction`
+/// that asks `lua_getctx` for the outcome (`LUA_YIELD` when `fn` went on and returned, an
+/// error status when it raised after a yield: the error object is then on top, as 5.3 leaves
+/// it) and for the context (`base`).
+#[cfg(feature = "lua52")]
+unsafe extern "C-unwind" fn scope_k52(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua as the continuation `l_scope` gave `lua_pcallk`, with its stack.
+    unsafe {
+        let mut base: c_int = 0;
+        let status = ffi::lua_getctx(L, &mut base);
+        scope_finish(L, status, base)
+    }
+}
+
 /// Continuation of `l_scope` after `fn` yielded (5.3+).
-#[cfg(not(feature = "lua51"))]
+#[cfg(not(any(feature = "lua51", feature = "lua52")))]
 unsafe extern "C-unwind" fn scope_k(
     L: *mut lua_State,
     status: c_int,
@@ -219,7 +235,7 @@ unsafe fn scope_finish(L: *mut lua_State, status: c_int, base: c_int) -> c_int {
         let t = check_tracker(L);
         let token = ffi::lua_touserdata(L, base + 3) as *const Scope;
         let on_exit = ffi::lua_type(L, base + 2) != ffi::LUA_TNIL;
-        ffi::luaL_checkstack(L, 6, ptr::null());
+        check_stack(L, t, 6, c"too many results");
         if on_exit {
             ffi::lua_pushvalue(L, base + 2);
             close_scope(L, t, token, true);

@@ -1,4 +1,4 @@
-//! `mem.scope` on LuaJIT (and 5.2): Lua, so that `fn` can yield inside the scope, around four C
+//! `mem.scope` on LuaJIT: Lua, so that `fn` can yield inside the scope, around four C
 //! functions (see lua/lunet/mem.lua):
 //!
 //! ```lua

@@ -54,6 +54,8 @@ struct Snapshot {
     gc_cycles: u64,
     buffer_bytes: u64,
     buffer_blocks: u64,
+    external_bytes: u64,
+    external_blocks: u64,
 }
 
 impl Snapshot {
@@ -85,6 +87,14 @@ impl Snapshot {
             buffer_bytes: 0,
             #[cfg(not(aux_buffers))]
             buffer_blocks: 0,
+            #[cfg(feature = "lua55")]
+            external_bytes: t.aux.external_bytes.get(),
+            #[cfg(feature = "lua55")]
+            external_blocks: t.aux.external_blocks() as u64,
+            #[cfg(not(feature = "lua55"))]
+            external_bytes: 0,
+            #[cfg(not(feature = "lua55"))]
+            external_blocks: 0,
         }
     }
 }
@@ -136,6 +146,8 @@ unsafe extern "C-unwind" fn l_stats(L: *mut lua_State) -> c_int {
         set_int(L, c"gc_cycles", s.gc_cycles as i64);
         set_int(L, c"buffer_bytes", s.buffer_bytes as i64);
         set_int(L, c"buffer_blocks", s.buffer_blocks as i64);
+        set_int(L, c"external_bytes", s.external_bytes as i64);
+        set_int(L, c"external_blocks", s.external_blocks as i64);
         #[cfg(type_tags)]
         {
             ffi::lua_createtable(L, 0, 8);

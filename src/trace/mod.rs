@@ -36,9 +36,9 @@
 //!   go through the wrappers, then collected) is forgotten: the main thread (or no thread,
 //!   `(unknown thread)`) takes its place.
 //!
-//! Lines: 5.3 and LuaJIT save the pc before any allocation; 5.1 and 5.4 do not save it before
-//! a table constructor (`OP_NEWTABLE`, and 5.1's `OP_CLOSURE`), so such a block is given the
-//! line of the last call, concatenation or closure of the same function.
+//! Lines: 5.2, 5.3 and LuaJIT save the pc before any allocation; 5.1 and 5.4 do not save it
+//! before a table constructor (`OP_NEWTABLE`, and 5.1's `OP_CLOSURE`), so such a block is given
+//! the line of the last call, concatenation or closure of the same function.
 //!
 //! # Cost
 //!

@@ -17,7 +17,7 @@
 -- they did not make, a new table placed in the expected arena, scope results, coroutine errors
 -- (only memory errors under a budget, or a yield across pcall/fail_after, are expected).
 --
--- Pure Lua, for luajit, lua5.1, lua5.3 and lua5.4. From the repository root:
+-- Pure Lua, for LuaJIT and Lua 5.1 to 5.5. From the repository root:
 --
 --   lua5.4 tests/fuzz/fuzz.lua --seed 17              runs seed 17 (finds .luarocks/<interp>)
 --   lua5.4 tests/fuzz/fuzz.lua --seed 1 --count 50    seeds 1..50 in one process
@@ -93,7 +93,7 @@ end
 -- arenas are pinned (src/arena/routes.rs, spec/19) would run some arena scopes without one.
 mem.adaptive_arenas(false)
 
-local VERSION = mem.lua -- "luajit", "lua51", "lua53", "lua54"
+local VERSION = mem.lua -- "luajit", "lua51", ..., "lua55"
 local IS_JIT = rawget(_G, "jit") ~= nil
 -- LuaJIT 2.1 betas: no allocation is refused where it happens (their out-of-memory paths crash);
 -- a budget admits it and the scope fails at the next instruction the interpreter runs in it,
@@ -102,10 +102,10 @@ local IS_JIT = rawget(_G, "jit") ~= nil
 local OOM_DEFERRED = IS_JIT and tostring(rawget(jit, "version")):match("%-beta") ~= nil
 local LUA51 = VERSION == "lua51" -- no yield across pcall or mem.scope
 local HAS_CLOSE = coroutine.close ~= nil
-local HAS_GEN_MODE = VERSION == "lua54"
+local HAS_GEN_MODE = VERSION == "lua54" or VERSION == "lua55"
 -- 5.2+ tells an object from another block (type tags): an arena is pinned only by objects. On 5.1
 -- and LuaJIT a long-lived table's part that grew in a request can pin one (README, Limits).
-local EXACT_PINNING = VERSION == "lua53" or VERSION == "lua54"
+local EXACT_PINNING = VERSION == "lua53" or VERSION == "lua54" or VERSION == "lua55"
 local newproxy = rawget(_G, "newproxy")
 local unpack = rawget(table, "unpack") or rawget(_G, "unpack")
 
@@ -1381,7 +1381,11 @@ local function reset_world()
 end
 
 local function set_gc(prog)
-  if HAS_GEN_MODE then
+  if VERSION == "lua55" then -- (5.5 sets the parameters with "param")
+    collectgarbage("param", "pause", prog.pause)
+    collectgarbage("param", "stepmul", prog.stepmul)
+    collectgarbage(prog.gc_mode)
+  elseif HAS_GEN_MODE then
     collectgarbage("incremental", prog.pause, prog.stepmul)
     collectgarbage(prog.gc_mode)
   else
@@ -1391,7 +1395,11 @@ local function set_gc(prog)
 end
 
 local function reset_gc()
-  if HAS_GEN_MODE then
+  if VERSION == "lua55" then
+    collectgarbage("param", "pause", 200)
+    collectgarbage("param", "stepmul", 100)
+    collectgarbage("incremental")
+  elseif HAS_GEN_MODE then
     collectgarbage("incremental", 200, 100)
   else
     collectgarbage("setpause", 200)
