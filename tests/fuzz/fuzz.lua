@@ -100,7 +100,7 @@ local HAS_CLOSE = coroutine.close ~= nil
 local HAS_GEN_MODE = VERSION == "lua54" or VERSION == "lua55"
 -- 5.2+ tells an object from another block (type tags): an arena is pinned only by objects. On 5.1
 -- and LuaJIT a long-lived table's part that grew in a request can pin one (README, Limits).
-local EXACT_PINNING = VERSION == "lua53" or VERSION == "lua54" or VERSION == "lua55"
+local EXACT_PINNING = VERSION == "lua52" or VERSION == "lua53" or VERSION == "lua54" or VERSION == "lua55"
 local newproxy = rawget(_G, "newproxy")
 local unpack = rawget(table, "unpack") or rawget(_G, "unpack")
 
