@@ -941,7 +941,14 @@ function fin_gc(o)
   local depth, uid_now = fin_depth, current_uid
   local ok, err = pcall(run_finalizer, o, node, mt.id, depth)
   fin_depth, current_uid = depth, uid_now
-  if not ok and not is_oom(err) then note_failure("fin_error", err) end
+  -- (a C function's stack that cannot grow, for memory, is reported by lauxlib as a stack
+  -- overflow, "stack overflow (string slice too long)" from `s:byte`: seeds 477 and 549 on
+  -- lua5.2, a finalizer run inside a used-up budget, which 5.1 to 5.3 refuse)
+  if not ok and not is_oom(err)
+    and not (VERSION ~= "lua54" and VERSION ~= "lua55" and not IS_JIT
+      and type(err) == "string" and err:find(": stack overflow (", 1, true)) then
+    note_failure("fin_error", err)
+  end
 end
 
 function EXEC.finz(n)
