@@ -1671,6 +1671,21 @@ describe("round 2", function()
       assert(status == 0, ("the fuzzer %s:\n%s"):format(outcome(status), out:sub(-1500)))
     end)
 
+    -- Found by scripts/fuzz.sh on a current LuaJIT (seed 272, minimized): a segfault while
+    -- LuaJIT unwound the memory error of a budget's refusal inside `string.sub`: that fast
+    -- function had not set the thread's `top` (below its `base` after an earlier memory error),
+    -- and `lj_err_mem` wrote the message there, over a frame. The module admits such an
+    -- allocation and overdraws the scope instead (`Tracker::refusal_unsafe`). The same seed in
+    -- every mode the compiler can be in: `-joff` crashed too.
+    for _, flags in ipairs { "", "-joff" } do
+      it_jit("the fuzzer's seed 272 (minimized) does not crash " .. (flags == "" and "(compiler on)"
+        or "(compiler off)"), function()
+        local status, out = run(("cd %s && %s %s tests/fuzz/fuzz.lua --seed 272 --steps 60 --only 28 "
+          .. "--skip 99,104,106"):format(shell_quote(ROOT ~= "" and ROOT or "."), LUA, flags), 120)
+        assert(status == 0, ("the fuzzer %s:\n%s"):format(outcome(status), out:sub(-1500)))
+      end)
+    end
+
     -- Seed 754's cause: fail_after's body runs a trace (compiled before it started) that
     -- allocates past the allowance, then calls a C function through trace stitching; the
     -- recording that starts when that returns is aborted by the budget's memory error, and

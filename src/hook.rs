@@ -370,15 +370,32 @@ impl Tracker {
 
     /// LuaJIT: whether a budget may refuse the growth of `block`: not the running thread's
     /// stack (the frames of mem.scope itself may need it while the scope is at its limit; the
-    /// growth is counted, and the next allocation is refused instead). Elsewhere, always.
+    /// growth is counted, and the next allocation is refused instead), nor while a memory error
+    /// would crash the VM (see [`Tracker::refusal_unsafe`]). Elsewhere, always.
     #[cold]
     fn may_refuse_growth(&self, block: *mut c_void) -> bool {
         #[cfg(feature = "luajit")]
         if let Some(vm) = self.vm.get() {
-            return !vm.is_current_stack(block);
+            return !vm.is_current_stack(block) && !vm.top_below_base();
         }
         let _ = block;
         true
+    }
+
+    /// LuaJIT: whether refusing a new block now would crash the VM (a fast function that has
+    /// not set the thread's `top`: `crate::luajit::Vm::top_below_base`; fuzzer seeds 104 and
+    /// 272 on luajit-current, a refused `string.sub`); then `scope` is overdrawn instead (the
+    /// next allocation, or its close, fails) and this returns true. Elsewhere, false.
+    #[cold]
+    fn refusal_unsafe(&self, scope: *const Scope) -> bool {
+        #[cfg(feature = "luajit")]
+        if let Some(vm) = self.vm.get() {
+            if vm.top_below_base() {
+                return self.overdraw(scope);
+            }
+        }
+        let _ = scope;
+        false
     }
 
     /// The ledger's part of a free (nothing while the ledger is empty).
@@ -839,11 +856,14 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
             }
             return result;
         }
-        let charged = tracker.admits(scope, nsize, defer);
+        let mut charged = tracker.admits(scope, nsize, defer);
         if !charged && !tracker.collector_in_finalizer() {
-            // SAFETY: the live active scope.
-            unsafe { Scope::count_refusal(scope) };
-            return ptr::null_mut();
+            if !tracker.refusal_unsafe(scope) {
+                // SAFETY: the live active scope.
+                unsafe { Scope::count_refusal(scope) };
+                return ptr::null_mut();
+            }
+            charged = true; // (admitted past the budget: the scope is overdrawn)
         }
         // SAFETY: forwarded contract; `scope` is the live active scope.
         let result = unsafe { new_block::<MIMALLOC>(tracker, scope, osize, nsize) };

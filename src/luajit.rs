@@ -185,6 +185,20 @@ impl Vm {
         !L.is_null() && unsafe { read::<*mut c_void>(L as *const u8, L_STACK) } == block
     }
 
+    /// Whether the running thread's `top` is below its `base`: the VM runs a fast function
+    /// that has not set `top` (its `fff_newstr` path, for `string.sub` and others), and a
+    /// memory error raised now would write its message at `top`, over a frame of the stack
+    /// (LuaJIT's `lj_err_mem` sets `top` only for a Lua function), and crash the unwinding.
+    #[cold]
+    pub fn top_below_base(&self) -> bool {
+        let L = self.current_thread();
+        // SAFETY: `cur_L` is a live thread of this VM; `base` and `top` are plain fields.
+        !L.is_null()
+            && unsafe {
+                read::<usize>(L as *const u8, L_TOP) < read::<usize>(L as *const u8, L_BASE)
+            }
+    }
+
     /// Marks hooks as not running (`hook_leave`) and returns whether they were marked running.
     ///
     /// LuaJIT marks hooks as running while a `__gc` finalizer runs (and a debug hook, and a

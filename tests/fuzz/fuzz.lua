@@ -94,6 +94,10 @@ end
 mem.adaptive_arenas(false)
 
 local VERSION = mem.lua -- "luajit", "lua51", ..., "lua55"
+-- The model says which arena each arena scope places its objects in; adaptive arenas run a
+-- route that keeps pinning its arenas without one, which the model does not follow (spec/19
+-- covers them): off here.
+mem.adaptive_arenas(false)
 local IS_JIT = rawget(_G, "jit") ~= nil
 -- LuaJIT 2.1 betas: no allocation is refused where it happens (their out-of-memory paths crash);
 -- a budget admits it and the scope fails at the next instruction the interpreter runs in it,
@@ -105,7 +109,7 @@ local HAS_CLOSE = coroutine.close ~= nil
 local HAS_GEN_MODE = VERSION == "lua54" or VERSION == "lua55"
 -- 5.2+ tells an object from another block (type tags): an arena is pinned only by objects. On 5.1
 -- and LuaJIT a long-lived table's part that grew in a request can pin one (README, Limits).
-local EXACT_PINNING = VERSION == "lua53" or VERSION == "lua54" or VERSION == "lua55"
+local EXACT_PINNING = VERSION == "lua52" or VERSION == "lua53" or VERSION == "lua54" or VERSION == "lua55"
 local newproxy = rawget(_G, "newproxy")
 local unpack = rawget(table, "unpack") or rawget(_G, "unpack")
 
@@ -942,7 +946,14 @@ function fin_gc(o)
   local depth, uid_now = fin_depth, current_uid
   local ok, err = pcall(run_finalizer, o, node, mt.id, depth)
   fin_depth, current_uid = depth, uid_now
-  if not ok and not is_oom(err) then note_failure("fin_error", err) end
+  -- (a C function's stack that cannot grow, for memory, is reported by lauxlib as a stack
+  -- overflow, "stack overflow (string slice too long)" from `s:byte`: seeds 477 and 549 on
+  -- lua5.2, a finalizer run inside a used-up budget, which 5.1 to 5.3 refuse)
+  if not ok and not is_oom(err)
+    and not (VERSION ~= "lua54" and VERSION ~= "lua55" and not IS_JIT
+      and type(err) == "string" and err:find(": stack overflow (", 1, true)) then
+    note_failure("fin_error", err)
+  end
 end
 
 function EXEC.finz(n)
