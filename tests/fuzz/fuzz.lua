@@ -94,10 +94,6 @@ end
 mem.adaptive_arenas(false)
 
 local VERSION = mem.lua -- "luajit", "lua51", ..., "lua55"
--- The model says which arena each arena scope places its objects in; adaptive arenas run a
--- route that keeps pinning its arenas without one, which the model does not follow (spec/19
--- covers them): off here.
-mem.adaptive_arenas(false)
 local IS_JIT = rawget(_G, "jit") ~= nil
 -- LuaJIT 2.1 betas: no allocation is refused where it happens (their out-of-memory paths crash);
 -- a budget admits it and the scope fails at the next instruction the interpreter runs in it,
