@@ -10,10 +10,7 @@ local function handler(req)
   return #table.concat(parts, ",")
 end
 
-local function settle()
-  collectgarbage("collect")
-  collectgarbage("collect")
-end
+local settle = helpers.settle
 
 -- The arena named `name`, if not reclaimed.
 local function arena_named(name)
@@ -29,16 +26,7 @@ local function churn(n)
   end
 end
 
--- On LuaJIT, what the interpreter makes while the trace recorder records is the compiler's
--- for the hook (README, Limits): the specs that check where each new object goes run with the
--- compiler off (traces compiled before still run).
-local function recorder_off()
-  settle()
-  if jit then jit.off() end
-end
-local function recorder_back()
-  if jit then jit.on() end
-end
+local recorder_off, recorder_back = helpers.recorder_off, helpers.recorder_back
 
 describe("mem.scope{arena = true}", function()
   before_each(recorder_off)

@@ -9,20 +9,8 @@ local mem = helpers.mem
 -- specs run in the same state.
 local function route(name) return ("%s (adaptive spec %d)"):format(name, math.random(1e9)) end
 
-local function settle()
-  collectgarbage("collect")
-  collectgarbage("collect")
-end
-
--- On LuaJIT, what the interpreter makes while the trace recorder records is the compiler's
--- (README, Limits): placement is checked with the compiler off.
-local function recorder_off()
-  settle()
-  if jit then jit.off() end
-end
-local function recorder_back()
-  if jit then jit.on() end
-end
+local settle, recorder_off, recorder_back = helpers.settle, helpers.recorder_off,
+  helpers.recorder_back
 
 -- A request whose result is kept (a cache entry): returns it and where it was placed.
 local function cached(i)

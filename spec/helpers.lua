@@ -41,6 +41,23 @@ function helpers.without_jit(fn)
   end
 end
 
+-- Two full collections: garbage made before is freed (and objects with finalizers finalized).
+function helpers.settle()
+  collectgarbage("collect")
+  collectgarbage("collect")
+end
+
+-- On LuaJIT, what the interpreter makes while the trace recorder records is the compiler's
+-- for the hook (README, Limits): the specs that check where each new object goes run with the
+-- compiler off (traces compiled before still run), between these two.
+function helpers.recorder_off()
+  helpers.settle()
+  if helpers.is_jit then jit.off() end
+end
+function helpers.recorder_back()
+  if helpers.is_jit then jit.on() end
+end
+
 -- Runs `code` in a fresh interpreter; returns the exit status (true/false), its output and code.
 function helpers.run_lua(code)
   local path = os.tmpname()
