@@ -52,7 +52,11 @@ count() {
     [ "$p" -eq 0 ] && [ "$f" -eq 0 ] && failed=$((failed + 1)) && f=1
     failures+=("$name")
     echo "FAIL $name: $p passed, $f failed"
-    grep -E "^not ok|panicked|FAILED|Error|error" "$log" | head -n 40 | sed 's/^/     /'
+    # (a TAP failure with the diagnostic lines under it; other suites' error lines)
+    awk '/^not ok/ { shown = 1; print; next }
+         shown && /^#/ { print; next }
+         { shown = 0 }
+         !/^ok / && /panicked|FAILED|Error|error/ { print }' "$log" | head -n 80 | sed 's/^/     /'
     tail -n 20 "$log" | sed 's/^/     /'
   fi
 }

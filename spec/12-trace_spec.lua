@@ -134,9 +134,10 @@ describe("mem.trace", function()
     local s = find(trace.snapshot():top(), SRC .. ":" .. LEAK_LINE)
     local exact_bytes = 0
     for _, v in ipairs(kept) do exact_bytes = exact_bytes + #v end
-    -- Every kept string is a block of its length plus a header of a few dozen bytes.
+    -- Every kept string is a block of its length plus a header of a few dozen bytes. About 650
+    -- samples of ~130-byte blocks: the estimate's deviation is ~4%, the bounds are 6 of them.
     assert.is_not_nil(s)
-    assert.is_true(s.blocks > 20000 * 0.85 and s.blocks < 20000 * 1.15, tostring(s.blocks))
+    assert.is_true(s.blocks > 20000 * 0.75 and s.blocks < 20000 * 1.25, tostring(s.blocks))
     assert.is_true(s.bytes > exact_bytes * 0.85 and s.bytes < exact_bytes * 2, tostring(s.bytes))
   end)
 

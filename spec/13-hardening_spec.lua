@@ -1802,6 +1802,32 @@ describe("round 3", function()
     ]], "arenas running: 0; scopes open: 0")
   end)
 
+  -- A current LuaJIT runs every finalizer on a thread of its own, never resumed: a finalizer
+  -- that opened a scope there, inside a coroutine's arena scope, left that scope as the
+  -- thread's inherited one, and the collected coroutine's scopes were then kept open for good,
+  -- as if it were waiting in a resume of that thread (fuzzer seed 949 on luajit-current).
+  it_yield("ends a collected coroutine's arena scope after a finalizer opened a scope inside it", function()
+    expect_child(NEW_FINALIZABLE .. [[
+      local mem = require "lunet.mem"
+      for i = 1, 10 do
+        local co = coroutine.create(function()
+          mem.scope({ name = "suspended " .. i, arena = true }, function()
+            new_finalizable(function() mem.scope("finalizer", function() return {} end) end)
+            collectgarbage() -- (its finalizer runs here, inside the arena scope)
+            coroutine.yield()
+          end)
+        end)
+        assert(coroutine.resume(co))
+      end
+      for _ = 1, 4 do collectgarbage() end
+      local running = 0
+      for _, a in ipairs(mem.arenas()) do
+        if a.name:find("^suspended") and a.running then running = running + 1 end
+      end
+      print(("arenas running: %d; current: %s"):format(running, tostring(mem.current())))
+    ]], "arenas running: 0; current: nil")
+  end)
+
   -- A finalizer the collector calls while a budget is used up is not the scope's code; Lua
   -- 5.4 drops a finalizer whose call fails for memory (the stack or CallInfo it needs), so
   -- refusing there would lose it (and with it the end of a collected coroutine's scopes).

@@ -564,6 +564,11 @@ impl Drop for Scope {
 pub struct ThreadScopes {
     pub stack: Vec<Rc<Scope>>,
     pub base: Option<Rc<Scope>>,
+    /// Whether `base` was set by a resume (see [`ThreadScopes::inherit`]). A thread never
+    /// resumed since its record was made, such as the thread a current LuaJIT runs every
+    /// finalizer on, got its `base` from the first scope it opened (whatever scope the collector
+    /// interrupted), and keeps it after that scope closed: it says nothing of a resume.
+    pub resumed: bool,
     /// LuaJIT's `mem.scope`: the scope made for a call, until it becomes active.
     #[cfg_attr(not(feature = "luajit"), allow(dead_code))]
     pub pending: Option<Rc<Scope>>,
@@ -576,6 +581,13 @@ impl ThreadScopes {
     /// The scope allocations of this thread go to.
     pub fn effective(&self) -> Option<Rc<Scope>> {
         self.stack.last().or(self.base.as_ref()).cloned()
+    }
+
+    /// A resume (or a wrapper that saw one) makes `scope`, active in the resumer, the scope the
+    /// thread inherits.
+    pub fn inherit(&mut self, scope: Option<Rc<Scope>>) {
+        self.base = scope;
+        self.resumed = true;
     }
 
     /// Whether the chain from `scope` (the scope and those it was opened in) holds one of the

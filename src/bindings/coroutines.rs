@@ -104,7 +104,7 @@ pub(crate) unsafe fn enter(L: *mut lua_State, t: &Tracker, idx: c_int) -> bool {
         }
         t.trace.set_running(co); // (mem.trace reads the stack of the running thread)
         if let Some(ts) = thread_scopes(L, t, idx, false) {
-            ts.base = t.active_scope();
+            ts.inherit(t.active_scope());
             if let Some(top) = ts.stack.last() {
                 t.set_active_scope(Some(top.clone()));
             }
@@ -148,7 +148,7 @@ unsafe fn enter_closing(L: *mut lua_State, t: &Tracker, idx: c_int) {
     // SAFETY: as for `enter`.
     unsafe {
         if let Some(ts) = thread_scopes(L, t, idx, false) {
-            ts.base = t.active_scope();
+            ts.inherit(t.active_scope());
             if let Some(top) = ts.stack.last() {
                 t.set_active_scope(Some(top.clone()));
             }
@@ -209,7 +209,7 @@ unsafe fn enter_resumed(L: *mut lua_State, t: &Tracker) {
                 // Resumed by the resume wrappers, `enter` made `top` active already (and
                 // recorded the resumer's scope); else the scope active now is the resumer's.
                 if !t.is_active(top) {
-                    ts.base = t.active_scope();
+                    ts.inherit(t.active_scope());
                     t.set_active_scope(Some(top.clone()));
                 }
             }

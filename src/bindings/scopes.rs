@@ -44,7 +44,9 @@ impl udata::Boxed for ThreadScopes {
             if ptr::eq(t.thread_record.get().cast_const().cast(), self) {
                 t.thread_cached.set(0); // (its box is freed after this)
             }
-            let resumer_scope = thread_scopes(L, t, 0, false).and_then(|ts| ts.base.clone());
+            let resumer_scope = thread_scopes(L, t, 0, false)
+                .filter(|ts| ts.resumed)
+                .and_then(|ts| ts.base.clone());
             if self.in_chain_of(t.active_scope().as_ref())
                 || self.in_chain_of(resumer_scope.as_ref())
             {
