@@ -205,12 +205,12 @@ unsafe fn enter_resumed(L: *mut lua_State, t: &Tracker) {
         t.trace.set_running(L);
         ffi::lua_pushthread(L);
         if let Some(ts) = thread_scopes(L, t, -1, false) {
-            if let Some(top) = ts.stack.last() {
+            if let Some(top) = ts.stack.last().cloned() {
                 // Resumed by the resume wrappers, `enter` made `top` active already (and
                 // recorded the resumer's scope); else the scope active now is the resumer's.
-                if !t.is_active(top) {
+                if !t.is_active(&top) {
                     ts.inherit(t.active_scope());
-                    t.set_active_scope(Some(top.clone()));
+                    t.set_active_scope(Some(top));
                 }
             }
         }
