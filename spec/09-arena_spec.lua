@@ -469,8 +469,11 @@ end)
 
 describe("lua_close with live arenas", function()
   it("exits cleanly with pinned arenas and arena scopes open in suspended coroutines", function()
+    -- (LuaJIT's compiler off: a table made while it records a trace is not placed in the
+    -- scope's arena, see the README's limits, and that scope then leaves no arena)
     local script = [[
       local mem = require "lunet.mem"
+      if jit then jit.off() end
       keep = {}
       for i = 1, 50 do
         mem.scope({ name = "pinned", arena = true }, function() keep[i] = { i } end)

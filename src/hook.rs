@@ -81,6 +81,12 @@ pub struct Tracker {
     /// allocator is this same mimalloc (a Rust host with it as global allocator) makes blocks
     /// that look like ours; freeing them here is still right, and the count may go below 0.
     pub mi_blocks: Cell<i64>,
+    /// The [`MI_WINDOW`]-aligned address range of the last freed or resized block that
+    /// `mi_is_in_heap_region` said is mimalloc's (0: none yet), so that the next block in the
+    /// same range skips that lookup (a walk over mimalloc's arenas). Sound because every host
+    /// block the tracker meets was made before it was installed and lives until it comes back:
+    /// it cannot lie in a range mimalloc held while the block was alive.
+    mi_window: Cell<usize>,
     /// Registry reference of the weak-keyed table `thread -> ThreadScopes userdata`.
     pub threads_ref: Cell<c_int>,
     /// Recently used scope names, by the address of their Lua string's bytes (checked against
@@ -194,6 +200,7 @@ impl Tracker {
             type_allocs: Default::default(),
             type_bytes: Default::default(),
             mi_blocks: Cell::new(0),
+            mi_window: Cell::new(usize::MAX),
             threads_ref: Cell::new(0),
             name_cache: Default::default(),
             exempt: Cell::new(false),
@@ -674,7 +681,7 @@ pub(crate) unsafe fn serve<const MIMALLOC: bool>(
             }
             return new;
         }
-        if mi::mi_is_in_heap_region(block) {
+        if is_mimalloc_block(t, block) {
             if nsize == 0 {
                 mi::mi_free(block);
                 t.mi_blocks.set(t.mi_blocks.get() - 1);
@@ -694,6 +701,30 @@ pub(crate) unsafe fn serve<const MIMALLOC: bool>(
         }
         moved
     }
+}
+
+/// Size and alignment of the address ranges mimalloc v2 owns whole: its segments, and its
+/// arenas (made of segment-sized blocks, aligned as segments are), on 64-bit targets.
+const MI_WINDOW: usize = 32 << 20;
+
+/// Whether `block` (not null) came from mimalloc, the range cached in `mi_window` first.
+///
+/// # Safety
+/// `block` is a live block of the state's.
+#[inline(always)]
+unsafe fn is_mimalloc_block(t: &Tracker, block: *mut c_void) -> bool {
+    let window = block as usize & !(MI_WINDOW - 1);
+    if window == t.mi_window.get() {
+        // SAFETY: any address may be asked about.
+        debug_assert!(unsafe { libmimalloc_sys::mi_is_in_heap_region(block) });
+        return true;
+    }
+    // SAFETY: any address may be asked about.
+    let owned = unsafe { libmimalloc_sys::mi_is_in_heap_region(block) };
+    if owned && cfg!(target_pointer_width = "64") {
+        t.mi_window.set(window);
+    }
+    owned
 }
 
 /// A new block of `nsize` bytes (`tag`: Lua 5.2+'s type tag, else 0): in the active scope's
