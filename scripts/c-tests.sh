@@ -12,18 +12,30 @@
 #                                                   linked with either library)
 #   symbols     bash scripts/c-tests.sh symbols    (tests/c/exports.sh: the exports match
 #                                                   include/lunet_mem.h)
+#   Lua 5.5     bash scripts/c-tests.sh lua55      (the proof, plain, on Lua 5.5 built by
+#                                                   scripts/lua55.sh: lua_newstate with a seed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-plain}
 out=target/c
 mkdir -p "$out"
-cargo build --release --locked --no-default-features --features lua54,module --target-dir target/c-lua54 >&2
+lua_feature=lua54
+cflags_lua=(-I/usr/include/lua5.4)
+liblua=(-llua5.4)
+if [ "$mode" = lua55 ]; then
+  bash scripts/lua55.sh >&2
+  lua_feature=lua55
+  cflags_lua=(-I.lua55/include)
+  liblua=(.lua55/build/liblua.a)
+fi
+cargo build --release --locked --no-default-features --features "$lua_feature,module" \
+  --target-dir "target/c-$lua_feature" >&2
 cargo build --release --locked -p lunet-mem-c --target-dir target/c-lua54 >&2
-lib=target/c-lua54/release/liblunet_mem.a
+lib=target/c-$lua_feature/release/liblunet_mem.a
 # The tracked malloc alone: what C code without Lua links.
 c_only_lib=target/c-lua54/release/liblunet_mem_c.a
-cflags=(-std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -g -Iinclude -I/usr/include/lua5.4)
-libs=("$lib" -luv -llua5.4 -lpthread -ldl -lm)
+cflags=(-std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -g -Iinclude "${cflags_lua[@]}")
+libs=("$lib" -luv "${liblua[@]}" -lpthread -ldl -lm)
 
 check_exports() {
   bash tests/c/exports.sh target/c-lua54/release/liblunet_mem.so \
@@ -36,6 +48,9 @@ case "$mode" in
     check_exports
     gcc "${cflags[@]}" -O2 tests/c/uv_proof.c -o "$out/uv_proof" "${libs[@]}"
     "$out/uv_proof" "${2:-100000}" ;;
+  lua55)
+    gcc "${cflags[@]}" -O2 tests/c/uv_proof.c -o "$out/uv_proof55" "${libs[@]}"
+    "$out/uv_proof55" "${2:-100000}" ;;
   asan)
     gcc "${cflags[@]}" -O1 -fsanitize=address -fno-omit-frame-pointer tests/c/uv_proof.c \
       -o "$out/uv_proof_asan" "${libs[@]}"
@@ -79,5 +94,5 @@ case "$mode" in
     expect arena-free-other-thread "a worker arena's block, freed on another thread"
     expect leak "MEMORY LEAK at request 42: allocs=1 frees=0"
     ;;
-  *) echo "usage: scripts/c-tests.sh plain|asan|valgrind|misuse|symbols" >&2; exit 2 ;;
+  *) echo "usage: scripts/c-tests.sh plain|asan|valgrind|misuse|symbols|lua55" >&2; exit 2 ;;
 esac

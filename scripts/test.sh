@@ -173,6 +173,10 @@ echo "== the C API (tests/c): plain, ASan + LSan, valgrind, misuse; the Lua spec
 for mode in plain asan valgrind misuse; do
   check "c-tests $mode" bash scripts/c-tests.sh "$mode"
 done
+# (Lua 5.5 where its sources were there to build it)
+if [ -f .lua55/build/liblua.a ]; then
+  check "c-tests lua55 (lua_newstate with a seed)" bash scripts/c-tests.sh lua55
+fi
 env_line=$(bash scripts/rock.sh lua5.4 2>/dev/null)
 check "busted (lua5.4) under valgrind" bash -c "$env_line; export LUNET_MEM_LUA=lua5.4
   valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
