@@ -113,7 +113,7 @@ for lua in "${interpreters[@]}"; do
   fi
   check "luarocks make ($lua)" true
   allocators=(mimalloc)
-  case "$lua" in luajit|luajit-current|lua5.4) allocators+=(host) ;; esac
+  case "$lua" in luajit|luajit-current|lua5.4|lua5.5) allocators+=(host) ;; esac
   for allocator in "${allocators[@]}"; do
     log="$log_dir/busted-$lua-$allocator.log"
     # (lua5.5: Debian's busted stack, made for 5.1-5.4, through tests/busted55/compat.lua)

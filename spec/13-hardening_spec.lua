@@ -1828,6 +1828,31 @@ describe("round 3", function()
     ]], "arenas running: 0; current: nil")
   end)
 
+  -- Lua 5.5 makes lauxlib's finished buffers external strings that free their bodies with the
+  -- allocator they were made with: the hook, with the tracker as its data, after every
+  -- finalizer of lua_close ran. With the host allocator serving, the tracker was gone by then
+  -- (every exit of a 5.5 program that kept such a string crashed).
+  for _, allocator in ipairs { "host", "mimalloc" } do
+    it("lua_close frees strings lauxlib built, kept to the end, with the " .. allocator ..
+      " allocator", function()
+      local path = os.tmpname()
+      write_file(path, [[
+        local mem = require "lunet.mem"
+        kept = {}
+        for i = 1, 50 do
+          kept[i] = ("%d:"):format(i) .. ("x"):rep(2000 + i) -- (past lauxlib's buffer)
+          kept[50 + i] = table.concat({ ("y"):rep(3000), i }, ",")
+        end
+        print("built " .. #kept)
+        os.exit(0, true) -- (closes the state)
+      ]])
+      local status, out = run(("LUNET_MEM_ALLOCATOR=%s %s %s"):format(allocator, LUA, path))
+      os.remove(path)
+      assert(status == 0 and out:find("built 100", 1, true),
+        ("the child %s; its output:\n%s"):format(outcome(status), out))
+    end)
+  end
+
   -- A finalizer the collector calls while a budget is used up is not the scope's code; Lua
   -- 5.4 drops a finalizer whose call fails for memory (the stack or CallInfo it needs), so
   -- refusing there would lose it (and with it the end of a collected coroutine's scopes).
