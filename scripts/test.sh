@@ -80,7 +80,7 @@ check "luacheck" luacheck --no-color lua spec examples bench tests
 check "module graph has no cycles" bash tests/module_graph.sh
 
 echo "== rust tests (mlua's vendored Lua), with each allocator"
-for f in lua54 luajit; do
+for f in lua54 luajit lua55; do
   for allocator in mimalloc host; do
     log="$log_dir/cargo-test-$f-$allocator.log"
     LUNET_MEM_ALLOCATOR=$allocator cargo test --locked --no-default-features --features "$f,vendored" \

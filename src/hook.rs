@@ -243,15 +243,9 @@ impl Tracker {
     }
 
     /// Blocks the hook must see freed before the state can get its own allocator back: those
-    /// from mimalloc and those in arenas; on Lua 5.5 also lauxlib's boxes and the external
-    /// string bodies they became, whichever allocator served them: an external string keeps
-    /// the allocator it was made with (this hook, with the tracker as `ud`) to free its body,
-    /// after every finalizer of `lua_close` has run.
+    /// from mimalloc and those in arenas.
     pub fn own_blocks(&self) -> i64 {
-        let own = self.mi_blocks.get() + self.arenas.live_blocks.get() as i64;
-        #[cfg(feature = "lua55")]
-        let own = own + (self.aux.blocks() + self.aux.external_blocks()) as i64;
-        own
+        self.mi_blocks.get() + self.arenas.live_blocks.get() as i64
     }
 
     /// Blocks allocated minus blocks freed since install (blocks made before install are not

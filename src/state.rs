@@ -20,6 +20,12 @@
 //! HandedBack: the state has its host allocator again and the tracker is dropped. Every block
 //! goes back to the allocator that made it (host blocks to the host allocator, ours to the hook
 //! until the last is freed), which is why a tracker closes in two steps.
+//!
+//! Lua 5.5 never hands back: an external string keeps the allocator it was made with (lauxlib's
+//! finished buffers, and any C code's, take it from `lua_getallocf`: the hook, with the tracker
+//! as `ud`) and frees its body through it after every finalizer of `lua_close` ran, with
+//! nothing to tell the hook how many are left. The tracker stays until the state's last block
+//! (Serving or Closing -> Freed).
 
 use std::ffi::{c_int, c_void};
 use std::ptr;
@@ -167,7 +173,8 @@ unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
             return 0;
         }
         let tracker = &*(ud as *const Tracker);
-        if tracker.own_blocks() > 0 {
+        if tracker.own_blocks() > 0 || cfg!(feature = "lua55") {
+            // (5.5: external strings may still free through the hook, see the module's top)
             // The thread that finishes the close later must outlive every other object: the
             // main thread (PUC Lua runs close's finalizers on it; a current LuaJIT on a thread
             // of its own, freed before the last of our blocks).
@@ -450,7 +457,7 @@ pub fn is_tracking_alloc(f: LuaAlloc) -> bool {
 #[cold]
 #[inline(never)]
 unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
-    if t.own_blocks() > 0 {
+    if t.own_blocks() > 0 || cfg!(feature = "lua55") {
         return false;
     }
     let L = t.closing.get();

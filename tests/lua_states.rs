@@ -1,4 +1,4 @@
-//! The module in real Lua states (mlua's vendored Lua 5.4 or LuaJIT): exact counts over random
+//! The module in real Lua states (mlua's vendored Lua 5.4, 5.5 or LuaJIT): exact counts over random
 //! programs, several states in several threads, loading twice, closing, and the C entry for
 //! resuming coroutines.
 #![cfg(feature = "vendored")]
@@ -390,4 +390,40 @@ fn lunet_mem_resume_keeps_scopes_right_for_c_resumers() {
     assert_eq!(first, ffi::LUA_YIELD);
     assert_eq!(second, ffi::LUA_OK);
     assert!(ok, "the scope counted allocations it did not make");
+}
+
+/// Lua 5.5: a C library makes external strings whose bodies it got from the state's own
+/// allocator (`lua_getallocf`), as lauxlib does, and Lua frees each body through that allocator
+/// after `lua_close` has run every finalizer: the module's hook, with its tracker, must still
+/// be there (with the host allocator serving, it was gone, and the first such free crashed).
+#[cfg(feature = "lua55")]
+#[test]
+fn external_strings_on_the_states_allocator_are_freed_after_the_finalizers() {
+    let counting = Box::new(Counting::default());
+    // SAFETY: a fresh state on the counting allocator, closed at the end; each body is a block
+    // of the state's allocator, handed to Lua with that allocator to free it.
+    unsafe {
+        let L = new_state(&counting);
+        assert!(!L.is_null());
+        ffi::luaL_openlibs(L);
+        open_module(L);
+        run(L, "kept = {} setmetatable(kept, { __gc = function() mem.stats() end })");
+        ffi::lua_getglobal(L, c"kept".as_ptr());
+        for i in 1..=20 {
+            let mut ud = ptr::null_mut();
+            let alloc = ffi::lua_getallocf(L, &mut ud);
+            let len = 1000 + i;
+            let body = alloc(ud, ptr::null_mut(), 0, len + 1) as *mut u8;
+            assert!(!body.is_null());
+            ptr::write_bytes(body, b'x', len);
+            *body.add(len) = 0;
+            ffi::lua_pushexternalstring(L, body.cast(), len, Some(alloc), ud);
+            ffi::lua_rawseti(L, -2, i as ffi::lua_Integer);
+        }
+        ffi::lua_pop(L, 1);
+        run(L, "assert(#kept[20] == 1020)");
+        ffi::lua_close(L);
+    }
+    assert_eq!(counting.blocks.get(), 0);
+    assert_eq!(counting.bytes.get(), 0);
 }
