@@ -407,7 +407,10 @@ fn external_strings_on_the_states_allocator_are_freed_after_the_finalizers() {
         assert!(!L.is_null());
         ffi::luaL_openlibs(L);
         open_module(L);
-        run(L, "kept = {} setmetatable(kept, { __gc = function() mem.stats() end })");
+        run(
+            L,
+            "kept = {} setmetatable(kept, { __gc = function() mem.stats() end })",
+        );
         ffi::lua_getglobal(L, c"kept".as_ptr());
         for i in 1..=20 {
             let mut ud = ptr::null_mut();
