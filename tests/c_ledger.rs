@@ -10,22 +10,15 @@ use std::ffi::{c_int, c_void};
 use lunet_mem_c::{
     lunet_mem_charge, lunet_mem_scope_release, lunet_mem_scope_stats, Account, AccountStats,
 };
-use mlua::{ffi, Lua, Table};
+use mlua::ffi;
 use proptest::prelude::*;
+
+mod common;
+use common::new_lua;
 
 extern "C-unwind" {
     /// As C declares it in include/lunet_mem.h (an opaque handle).
     fn lunet_mem_scope_current(L: *mut ffi::lua_State) -> *const c_void;
-}
-
-fn new_lua() -> Lua {
-    // SAFETY: the debug library is wanted (mem.lua names functions with it); nothing else unsafe.
-    let lua = unsafe { Lua::unsafe_new() };
-    // SAFETY: `open` is a well-behaved lua_CFunction.
-    let open = unsafe { lua.create_c_function(lunet_mem::open) }.unwrap();
-    let preload: Table = lua.load("return package.preload").eval().unwrap();
-    preload.set("lunet.mem", open).unwrap();
-    lua
 }
 
 /// `scope_handle()`: the running scope's handle as a light userdata (the test releases it).

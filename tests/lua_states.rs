@@ -11,16 +11,8 @@ use std::ptr;
 use mlua::{ffi, Lua, Table};
 use proptest::prelude::*;
 
-/// A Lua state (all standard libraries) where `require "lunet.mem"` finds the module.
-fn new_lua() -> Lua {
-    // SAFETY: the debug library is wanted (mem.lua names functions with it); nothing else unsafe.
-    let lua = unsafe { Lua::unsafe_new() };
-    // SAFETY: `open` is a well-behaved lua_CFunction.
-    let open = unsafe { lua.create_c_function(lunet_mem::open) }.unwrap();
-    let preload: Table = lua.load("return package.preload").eval().unwrap();
-    preload.set("lunet.mem", open).unwrap();
-    lua
-}
+mod common;
+use common::new_lua;
 
 /// Lua that checks exactness in a function kept out of the JIT (the recorder may allocate
 /// between two readings; that is real memory, not a counting error).
@@ -281,15 +273,27 @@ unsafe fn new_state(counting: &Counting) -> *mut ffi::lua_State {
     L
 }
 
+/// A fresh state on the counting allocator, with the standard libraries and the module (`mem`).
+///
+/// # Safety
+/// `counting` outlives the state.
+unsafe fn open_state(counting: &Counting) -> *mut ffi::lua_State {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let L = new_state(counting);
+        assert!(!L.is_null());
+        ffi::luaL_openlibs(L);
+        open_module(L);
+        L
+    }
+}
+
 #[test]
 fn lua_close_with_live_scopes_gives_every_block_back_to_the_host() {
     let counting = Box::new(Counting::default());
     // SAFETY: a fresh state on the counting allocator, closed at the end.
     unsafe {
-        let L = new_state(&counting);
-        assert!(!L.is_null());
-        ffi::luaL_openlibs(L);
-        open_module(L);
+        let L = open_state(&counting);
         run(
             L,
             r#"
@@ -332,9 +336,7 @@ fn many_states_opened_and_closed_in_turn() {
         let counting = Box::new(Counting::default());
         // SAFETY: as above.
         unsafe {
-            let L = new_state(&counting);
-            ffi::luaL_openlibs(L);
-            open_module(L);
+            let L = open_state(&counting);
             run(
                 L,
                 "mem.scope('x', function() return {} end) assert(mem.stats().live_bytes > 0)",
@@ -403,10 +405,7 @@ fn external_strings_on_the_states_allocator_are_freed_after_the_finalizers() {
     // SAFETY: a fresh state on the counting allocator, closed at the end; each body is a block
     // of the state's allocator, handed to Lua with that allocator to free it.
     unsafe {
-        let L = new_state(&counting);
-        assert!(!L.is_null());
-        ffi::luaL_openlibs(L);
-        open_module(L);
+        let L = open_state(&counting);
         run(
             L,
             "kept = {} setmetatable(kept, { __gc = function() mem.stats() end })",

@@ -7,8 +7,10 @@
 use std::collections::HashMap;
 use std::io::Read;
 
-use mlua::{Lua, Table};
 use prost::Message;
+
+mod common;
+use common::new_lua;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct Profile {
@@ -82,17 +84,6 @@ struct Function {
     filename: i64,
     #[prost(int64, tag = "5")]
     start_line: i64,
-}
-
-/// A Lua state (all standard libraries) where `require "lunet.mem"` finds the module.
-fn new_lua() -> Lua {
-    // SAFETY: the debug library is wanted (mem.lua names functions with it); nothing else unsafe.
-    let lua = unsafe { Lua::unsafe_new() };
-    // SAFETY: `open` is a well-behaved lua_CFunction.
-    let open = unsafe { lua.create_c_function(lunet_mem::open) }.unwrap();
-    let preload: Table = lua.load("return package.preload").eval().unwrap();
-    preload.set("lunet.mem", open).unwrap();
-    lua
 }
 
 /// Allocates new strings on line 5 in scope "GET /a" and on line 8 in scope "GET /b", writes the
