@@ -173,8 +173,7 @@ unsafe extern "C-unwind" fn uninstall(L: *mut lua_State) -> c_int {
             return 0;
         }
         let tracker = &*(ud as *const Tracker);
-        if tracker.own_blocks() > 0 || cfg!(feature = "lua55") {
-            // (5.5: external strings may still free through the hook, see the module's top)
+        if !may_hand_back(tracker) {
             // The thread that finishes the close later must outlive every other object: the
             // main thread (PUC Lua runs close's finalizers on it; a current LuaJIT on a thread
             // of its own, freed before the last of our blocks).
@@ -449,6 +448,13 @@ pub fn is_tracking_alloc(f: LuaAlloc) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Closing: the hook's part of the end (the sentinel's part is `uninstall`).
 
+/// Whether the closing state may get its own allocator back now: no block of ours (mimalloc's or
+/// an arena's) is live, and not Lua 5.5, whose external strings may still free through the hook
+/// (see the module's top).
+fn may_hand_back(t: &Tracker) -> bool {
+    t.own_blocks() == 0 && !cfg!(feature = "lua55")
+}
+
 /// In `lua_close`, once no block of ours (mimalloc's or an arena's) is live: gives the state its
 /// own allocator back and frees the tracker. Returns whether it did (then `ud` is gone).
 ///
@@ -457,7 +463,7 @@ pub fn is_tracking_alloc(f: LuaAlloc) -> bool {
 #[cold]
 #[inline(never)]
 unsafe fn finish_close(t: &Tracker, ud: *mut c_void) -> bool {
-    if t.own_blocks() > 0 || cfg!(feature = "lua55") {
+    if !may_hand_back(t) {
         return false;
     }
     let L = t.closing.get();
