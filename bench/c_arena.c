@@ -26,19 +26,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "bench_clock.h"
 #include "lunet_mem.h"
 
 #define REQUESTS 100000
 #define BUFFERS 16
 #define CHARGES 10000000
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static size_t size_of(unsigned i) { return 32 + (i * 2654435761u >> 20) % 512; }
 

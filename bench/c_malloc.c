@@ -7,18 +7,12 @@
 #define LUNET_TRACE
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
+#include "bench_clock.h"
 #include "lunet_mem.h"
 
 #define N 2000000
 #define LIVE 64
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static size_t size_of(unsigned i) { return 16 + (i * 2654435761u >> 24) % 240; }
 
