@@ -365,7 +365,9 @@ impl Account {
                 if blocks != 0 {
                     a.made.add(0, blocks, &a.spills);
                 }
-                let live = a.live_bytes();
+                // (a charge another thread added and a limit is about to take back is in `live`
+                // too: never above what the limits over this account leave to its C bytes)
+                let live = a.live_bytes().min(a.room());
                 if live > a.peak_bytes.load(Relaxed) {
                     a.peak_bytes.fetch_max(live, Relaxed);
                 }
@@ -375,6 +377,20 @@ impl Account {
             }
         });
         true
+    }
+
+    /// The most C bytes this account can hold now: what the limits of it and of the open accounts
+    /// above it leave beside their kept Lua bytes (`i64::MAX` without a limit).
+    fn room(&self) -> i64 {
+        let mut room = i64::MAX;
+        let mut at = Some(self);
+        while let Some(a) = at {
+            if !a.is_closed() && a.limit != i64::MAX {
+                room = room.min(a.limit.saturating_sub(a.lua_kept.load(Relaxed)));
+            }
+            at = a.parent.as_deref();
+        }
+        room
     }
 
     /// Whether `bytes` more Lua bytes fit this account's limit (its live C bytes counted), for
