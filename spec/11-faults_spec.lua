@@ -23,10 +23,7 @@ local function handler(req)
 end
 
 describe("mem.scope{limit = bytes}", function()
-  -- (LuaJIT's recorder off: a block made while it records is the compiler's, not the scope's,
-  -- so no budget sees it; see the README's limits)
-  before_each(helpers.recorder_off)
-  after_each(helpers.recorder_back)
+  before_each(settle)
 
   it("runs a scope within its budget", function()
     assert.are.equal(10, #mem.scope({ limit = 64 * 1024 }, function()
