@@ -14,9 +14,21 @@
 # lua5.2: time); the C API's
 # proof (scripts/c-tests.sh: plain, ASan, valgrind, misuse); the Lua 5.4 specs and lua_close
 # under valgrind. Ends with one line: "N passed, N failed", counting every test of every suite.
+# With CI=true it frees each cargo target folder once its step is done (and builds without
+# incremental caches): a whole run keeps about 2 GB of builds at its peak instead of 5 GB, and a
+# CI machine's disk can be small (a run whose disk filled failed every build after the specs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+ci=false
+case "${CI:-}" in true|1|yes) ci=true; export CARGO_INCREMENTAL=0 ;; esac
+
+# done_with DIR...: on CI, the build folders a step no longer needs go (the disk's free space is
+# printed at the end, to see what a run needed).
+done_with() {
+  [ "$ci" = true ] || return 0
+  rm -rf "$@"
+}
 
 bash scripts/setup.sh || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
 
@@ -71,6 +83,7 @@ check "cargo fmt --check" cargo fmt --all -- --check
 for f in "${features[@]}"; do
   check "cargo clippy ($f,module)" cargo clippy --locked --no-default-features --features "$f,module" \
     --target-dir "target/clippy-$f" -- -D warnings
+  done_with "target/clippy-$f"
 done
 check "cargo clippy (lua54,vendored, tests)" cargo clippy --locked --no-default-features \
   --features lua54,vendored --all-targets --target-dir target/vendored-lua54 -- -D warnings
@@ -90,6 +103,7 @@ for f in lua54 luajit lua55; do
     if ! grep -q "test result" "$log"; then f_=1; fi
     count "cargo test ($f,vendored, $allocator)" "$p" "$f_" "$log"
   done
+  done_with "target/vendored-$f"
 done
 
 log="$log_dir/cargo-test-c-crate.log"
@@ -98,6 +112,7 @@ p=$(grep -Eo "test result: [a-zA-Z]+\. [0-9]+ passed" "$log" | awk '{s += $4} EN
 f_=$(grep -Eo "[0-9]+ failed" "$log" | awk '{s += $1} END {print s + 0}')
 if ! grep -q "test result" "$log"; then f_=1; fi
 count "cargo test (lunet-mem-c, no Lua)" "$p" "$f_" "$log"
+done_with target/c-crate
 
 echo "== luarocks make + busted"
 for lua in "${interpreters[@]}"; do
@@ -167,6 +182,9 @@ for lua in "${interpreters[@]}"; do
   (eval "$env_line"; bash scripts/fuzz.sh --lua "$lua" --seeds "${LUNET_MEM_FUZZ_SEEDS:-100}") >"$log" 2>&1
   read -r p f < <(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$log" | tail -n 1)
   count "fuzzer, seeded random programs ($lua)" "${p:-0}" "${f:-1}" "$log"
+  [ "$lua" != lua5.4 ] || env_line54=$env_line
+  # (luajit-current, next, builds into luajit's folder)
+  [ "$lua" = luajit ] || done_with target/rock-*
 done
 
 echo "== the C API (tests/c): plain, ASan + LSan, valgrind, misuse; the Lua specs under valgrind"
@@ -177,7 +195,7 @@ done
 if [ -f .lua55/build/liblua.a ]; then
   check "c-tests lua55 (lua_newstate with a seed)" bash scripts/c-tests.sh lua55
 fi
-env_line=$(bash scripts/rock.sh lua5.4 2>/dev/null)
+env_line=${env_line54:-$(bash scripts/rock.sh lua5.4 2>/dev/null)}
 check "busted (lua5.4) under valgrind" bash -c "$env_line; export LUNET_MEM_LUA=lua5.4
   valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
     lua5.4 /usr/bin/busted -o TAP >/tmp/lunet-mem-valgrind.log 2>&1 || { tail -40 /tmp/lunet-mem-valgrind.log; exit 1; }
@@ -186,8 +204,10 @@ check "lua_close with live arenas under valgrind (lua5.4)" bash -c "$env_line
   valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
     lua5.4 tests/lua/close_with_arenas.lua"
 
+done_with target/c-lua54 target/c-lua55
 rm -rf "$log_dir"
 echo
+echo "disk: $(df -h --output=used,avail . | tail -n 1 | awk '{print $1 " used, " $2 " free"}'), builds $(du -sh target 2>/dev/null | cut -f1)"
 if [ ${#failures[@]} -gt 0 ]; then
   echo "failed: ${failures[*]}"
 fi
