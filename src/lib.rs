@@ -198,9 +198,18 @@ unsafe fn push_other_copy(L: *mut lua_State) -> bool {
     }
 }
 
+/// The entry point `require "lunet.mem"` finds (`luaopen_` and the module's name, dots as
+/// underscores). It is [`open`] itself, called as Lua calls it: mlua's `lua_module` wrapper
+/// would first set up mlua's own state (its registry data, a thread for its references) that
+/// nothing here uses, about 30 KiB of Lua memory and a part of the library's code run at load
+/// for nothing (*Benchmark* in the README: the load cost). (mlua's `module` feature still
+/// decides how the library links: against the interpreter's Lua, not a copy of its own.)
+///
+/// # Safety
+/// As for [`open`].
 #[cfg(feature = "module")]
-#[mlua::lua_module(name = "lunet_mem")]
-fn lunet_mem(lua: &mlua::Lua) -> mlua::Result<mlua::Table> {
-    // SAFETY: `open` is a well-behaved lua_CFunction.
-    unsafe { lua.create_c_function(open) }?.call(())
+#[no_mangle]
+pub unsafe extern "C-unwind" fn luaopen_lunet_mem(L: *mut lua_State) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { open(L) }
 }

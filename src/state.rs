@@ -27,7 +27,7 @@
 //! nothing to tell the hook how many are left. The tracker stays until the state's last block
 //! (Serving or Closing -> Freed).
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
 use mlua::ffi::{self, lua_State};
@@ -81,9 +81,17 @@ pub unsafe fn tracker<'a>(L: *mut lua_State) -> Option<&'a Tracker> {
 /// Where new blocks come from: mimalloc, unless `LUNET_MEM_ALLOCATOR=host` says to forward every
 /// call to the host allocator.
 pub fn default_serve() -> Serve {
-    match std::env::var("LUNET_MEM_ALLOCATOR").as_deref() {
-        Ok("host") => Serve::Host,
-        _ => Serve::Mimalloc,
+    // (libc's getenv, not `std::env::var`: std's environment code sits far from the rest of
+    // the code the module runs when it loads, and running it would fault in 128 KiB more of
+    // the library's text, see *Benchmark* in the README)
+    // SAFETY: a NUL-terminated name. (As every getenv, it races with a setenv on another
+    // thread; std's lock would not stop C code's setenv either; the module sets none.)
+    let value = unsafe { libc::getenv(c"LUNET_MEM_ALLOCATOR".as_ptr()) };
+    // SAFETY: getenv's result is null or a NUL-terminated string, read at once.
+    if !value.is_null() && unsafe { CStr::from_ptr(value) }.to_bytes() == b"host" {
+        Serve::Host
+    } else {
+        Serve::Mimalloc
     }
 }
 
