@@ -73,6 +73,45 @@ describe("mem.scope{limit = bytes}", function()
     assert.are.equal(MEMERR, err)
   end)
 
+  -- (LuaJIT's interpreter leaves the thread's top where the last call into C put it, often
+  -- below the running frame's base: a refusal there was taken for one inside a fast function,
+  -- where failing would crash, and admitted past the budget. On the current LuaJIT a 4096-byte
+  -- budget let 1073 tables be made, and a 1 MiB scope around such a run then failed. A child
+  -- with the compiler off from its start, so that no trace of the suite's runs the scope.)
+  it("refuses at its limit in interpreted code too (LuaJIT with its compiler off)", function()
+    local ok, out = helpers.run_lua([[
+      local mem = require "lunet.mem"
+      if jit then jit.off() end
+      local made = 0
+      local function fill(count)
+        local t = {}
+        for i = 1, 1e5 do
+          t[i] = { i }
+          count(i)
+        end
+      end
+      local function set(i) made = i end
+      local ok, err = pcall(mem.scope, { limit = 4096 }, function() return fill(set) end)
+      print("alone", ok, err, made)
+      made = 0
+      local inner_made
+      print("nested", pcall(mem.scope, { limit = 1024 * 1024 }, function()
+        local inner_ok = pcall(mem.scope, { limit = 4096 }, function() return fill(set) end)
+        inner_made = made
+        local t = {}
+        for i = 1, 1000 do t[i] = { i } end
+        return inner_ok, #t
+      end))
+      print("nested made", inner_made)
+    ]])
+    assert.is_true(ok, out)
+    local alone = tonumber(out:match("alone\tfalse\tnot enough memory\t(%d+)"))
+    assert.is_truthy(alone, out)
+    assert.is_true(alone < 200, out)
+    assert.is_truthy(out:find("nested\ttrue\tfalse\t1000", 1, true), out)
+    assert.is_true(tonumber(out:match("nested made\t(%d+)")) < 200, out)
+  end)
+
   it("never fails a free: a scope at its limit can drop what it made and go on", function()
     local filled, ok, n = mem.scope({ limit = 64 * 1024 }, function()
       local t = {}

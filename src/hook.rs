@@ -383,21 +383,21 @@ impl Tracker {
     fn may_refuse_growth(&self, block: *mut c_void) -> bool {
         #[cfg(feature = "luajit")]
         if let Some(vm) = self.vm.get() {
-            return !vm.is_current_stack(block) && !vm.top_below_base();
+            return !vm.is_current_stack(block) && !vm.refusal_would_crash();
         }
         let _ = block;
         true
     }
 
     /// LuaJIT: whether refusing a new block now would crash the VM (a fast function that has
-    /// not set the thread's `top`: `crate::luajit::Vm::top_below_base`; fuzzer seeds 104 and
+    /// not set the thread's `top`: `crate::luajit::Vm::refusal_would_crash`; fuzzer seeds 104 and
     /// 272 on luajit-current, a refused `string.sub`); then `scope` is overdrawn instead (the
     /// next allocation, or its close, fails) and this returns true. Elsewhere, false.
     #[cold]
     fn refusal_unsafe(&self, scope: *const Scope) -> bool {
         #[cfg(feature = "luajit")]
         if let Some(vm) = self.vm.get() {
-            if vm.top_below_base() {
+            if vm.refusal_would_crash() {
                 return self.overdraw(scope);
             }
         }

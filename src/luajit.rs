@@ -185,18 +185,33 @@ impl Vm {
         !L.is_null() && unsafe { read::<*mut c_void>(L as *const u8, L_STACK) } == block
     }
 
-    /// Whether the running thread's `top` is below its `base`: the VM runs a fast function
-    /// that has not set `top` (its `fff_newstr` path, for `string.sub` and others), and a
-    /// memory error raised now would write its message at `top`, over a frame of the stack
-    /// (LuaJIT's `lj_err_mem` sets `top` only for a Lua function), and crash the unwinding.
+    /// Whether a memory error raised now would crash the VM: the running thread's `top` is
+    /// below its `base` in a frame that is not a Lua function's. That is a fast function that
+    /// has not set `top` (its `fff_newstr` path, for `string.sub` and others): `lj_err_mem`
+    /// writes its message at `top`, over a frame of the stack, and the unwinding crashes
+    /// (fuzzer seeds 104 and 272). In a Lua function's frame `top` is often below `base` too
+    /// (the interpreter leaves it where the last call into C set it; compiled code, where it
+    /// entered the trace), but there `lj_err_mem` first sets `top` from the frame: refusing is
+    /// safe (LuaJIT since 2022-11, which every LuaJIT that is not a beta has; on the betas no
+    /// refusal happens where this is asked, see `crate::hook`). Counting those as unsafe let a
+    /// loop of table constructors run far past its budget, interpreted (spec/11, "the
+    /// tightest of nested limits" with the compiler off).
     #[cold]
-    pub fn top_below_base(&self) -> bool {
+    pub fn refusal_would_crash(&self) -> bool {
         let L = self.current_thread();
-        // SAFETY: `cur_L` is a live thread of this VM; `base` and `top` are plain fields.
-        !L.is_null()
-            && unsafe {
-                read::<usize>(L as *const u8, L_TOP) < read::<usize>(L as *const u8, L_BASE)
+        if L.is_null() {
+            return false;
+        }
+        // SAFETY: `cur_L` is a live thread of this VM; `base` and `top` are plain fields; the
+        // two slots below `base` (GC64: the function, then the frame link) are in its stack,
+        // whose first slots are a frame of its own (so `base` is at least two slots in).
+        unsafe {
+            let base = read::<*const u64>(L as *const u8, L_BASE);
+            if read::<usize>(L as *const u8, L_TOP) >= base as usize {
+                return false;
             }
+            !is_lua_function(*base.sub(2))
+        }
     }
 
     /// Marks hooks as not running (`hook_leave`) and returns whether they were marked running.
@@ -246,14 +261,36 @@ pub unsafe fn frame_has_function(L: *mut lua_State, ar: &ffi::lua_Debug) -> bool
     // SAFETY: the slot is inside the thread's stack (lua_getstack found a frame there).
     unsafe {
         let stack = read::<*const u64>(L as *const u8, L_STACK);
-        let slot = *stack.add(offset - 1);
-        if ((slot as i64) >> 47) as u32 != LJ_TFUNC {
-            return false;
-        }
-        let object = (slot & ((1u64 << 47) - 1)) as *const u8;
-        !object.is_null() && *object.add(9) == GCT_FUNC
+        function_object(*stack.add(offset - 1)).is_some()
     }
 }
+
+/// Whether the stack slot `slot` (a GC64 tagged value) holds a Lua function (not a C or fast
+/// function, whose `ffid` is not 0).
+///
+/// # Safety
+/// A slot of a live thread's stack.
+unsafe fn is_lua_function(slot: u64) -> bool {
+    // SAFETY: forwarded contract; `ffid` is a byte of the live `GCfunc`.
+    unsafe { function_object(slot).is_some_and(|f| *f.add(FUNC_FFID) == FF_LUA) }
+}
+
+/// The `GCfunc` that the stack slot `slot` (a GC64 tagged value) holds, if it holds a function.
+///
+/// # Safety
+/// A slot of a live thread's stack.
+unsafe fn function_object(slot: u64) -> Option<*const u8> {
+    if ((slot as i64) >> 47) as u32 != LJ_TFUNC {
+        return None;
+    }
+    let object = (slot & ((1u64 << 47) - 1)) as *const u8;
+    // SAFETY: a function value points to a live `GCfunc` (`gct` at 9).
+    (!object.is_null() && unsafe { *object.add(9) } == GCT_FUNC).then_some(object)
+}
+
+/// `GCfunc`'s `ffid` (after the GC header) and its value for a Lua function.
+const FUNC_FFID: usize = 10;
+const FF_LUA: u8 = 0;
 
 /// Offset of `lua_Debug`'s private `i_ci`, right after `short_src`.
 const I_CI: usize = std::mem::offset_of!(ffi::lua_Debug, short_src) + 60; // LUA_IDSIZE
