@@ -611,12 +611,15 @@ end
 -- What a budget bounds: `kept_bytes` (the scope's own live blocks) where the module reports
 -- it, else `net_bytes` (and its peak). LuaJIT admits the running thread's stack growth past the
 -- limit (counted; the next allocation fails): there a budget holds only where an allocation
--- followed, such as the one of the stats table a sample gets (`sampled`), not at on_exit.
+-- followed, such as the one of the stats table a sample gets (`sampled`), not at on_exit; and not
+-- while a finalizer runs (a coroutine it resumes included), whose allocations a budget admits
+-- uncharged (README), so that the growth stays past the limit (seeds 572, 1700, 2140 on
+-- luajit-current: a pooled coroutine's limited scope resumed by a finalizer).
 local function check_scope_stats(rec, s, sampled)
   if rec.limit then
     local kept = s.kept_bytes
     if kept then
-      if (sampled or not IS_JIT) and not OOM_DEFERRED and kept > rec.limit then
+      if (sampled and fin_depth == 0 or not IS_JIT) and not OOM_DEFERRED and kept > rec.limit then
         note_failure("budget", s.name, "kept_bytes", kept, rec.limit)
       end
     else
@@ -807,6 +810,15 @@ local function with_count(ok, ...)
   return ok, select("#", ...), ...
 end
 
+-- mem.scope(...) in a protected call, with the count of its results. The whole runs protected:
+-- the call of `with_count` needs stack, whose growth a used-up budget or fail_after around
+-- refuses after mem.scope returned, and EXEC.scope must still close the scope's record then
+-- (seeds 299, 820, 1531, 1578 on lua5.2 and 1522 on luajit: the model kept a closed arena
+-- scope open).
+local function scope_call(...)
+  return with_count(pcall(mem.scope, ...))
+end
+
 local function make_on_exit(rec)
   return function(s)
     if s.closed ~= true then note_failure("not_closed", s.name) end
@@ -823,22 +835,26 @@ function EXEC.scope(n, ctx)
   local depth, nonyield = ctx.depth, ctx.nonyield
   -- (the shared function's default name is computed once; a fresh closure's each time)
   local fn = n.shared_fn and scope_body or function(...) return fresh_scope_fn(...) end
-  local ok, count, r1, r2, r3
+  local done, ok, count, r1, r2, r3
   if LUA51 then ctx.nonyield = nonyield + 1 end
   if n.form == "name" then
-    ok, count, r1, r2, r3 = with_count(pcall(mem.scope, name, fn, rec, n, ctx))
+    done, ok, count, r1, r2, r3 = pcall(scope_call, name, fn, rec, n, ctx)
   elseif n.form == "fn" then
-    ok, count, r1, r2, r3 = with_count(pcall(mem.scope, fn, rec, n, ctx))
+    done, ok, count, r1, r2, r3 = pcall(scope_call, fn, rec, n, ctx)
   else
     local arena_opt = n.arena
     if type(arena_opt) == "number" then arena_opt = { chunk_size = arena_opt } end
     local o = { name = name, arena = arena_opt or nil, limit = n.limit or nil,
       on_exit = n.on_exit and make_on_exit(rec) or nil }
-    ok, count, r1, r2, r3 = with_count(pcall(mem.scope, o, fn, rec, n, ctx))
+    done, ok, count, r1, r2, r3 = pcall(scope_call, o, fn, rec, n, ctx)
   end
   ctx.nonyield = nonyield
   close_rec(rec, ctx, depth)
   check_current(ctx)
+  if not done then
+    if is_oom(ok) then return end -- (the harness's own call, refused: see scope_call)
+    error(ok, 0)
+  end
   if ok then
     if count ~= 3 or r1 ~= rec.id or r2 ~= nil or r3 ~= "r" then
       note_failure("results", "mem.scope", count)
