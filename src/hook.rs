@@ -6,7 +6,8 @@
 //! several states in several threads each have their own tracker. A Lua state runs on one OS
 //! thread at a time, so the counters are plain `Cell`s: no locks, no atomics.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
 use std::ptr;
 use std::rc::Rc;
@@ -178,6 +179,14 @@ pub struct Tracker {
     pub thread_cached: Cell<usize>,
     /// That thread's record (a `*mut ThreadScopes`), valid while `thread_cached` is not 0.
     pub thread_record: Cell<*mut c_void>,
+    /// The records (`*mut ThreadScopes`) of the threads that opened a scope, until each is
+    /// finalized: what the GC cycle counter looks through for records whose finalizer Lua
+    /// dropped (see `sweep_lost_records` in `src/bindings/scopes.rs`).
+    pub thread_records: RefCell<HashSet<usize>>,
+    /// Set when a budget or `fail_after` refused an allocation: a finalizer may have been
+    /// dropped for it (Lua 5.1 to 5.3), the GC cycle counter's among them. The next scope
+    /// opened checks that the counter still lives.
+    pub tick_in_doubt: Cell<bool>,
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
     pub arenas: ArenaSet,
@@ -239,6 +248,8 @@ impl Tracker {
             gc_tick: Cell::new(0),
             thread_cached: Cell::new(0),
             thread_record: Cell::new(ptr::null_mut()),
+            thread_records: RefCell::new(HashSet::new()),
+            tick_in_doubt: Cell::new(false),
         }
     }
 
@@ -890,6 +901,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         let mut charged = tracker.admits(scope, nsize, defer);
         if !charged && !tracker.collector_in_finalizer() {
             if !tracker.refusal_unsafe(scope) {
+                tracker.tick_in_doubt.set(true);
                 // SAFETY: the live active scope.
                 unsafe { Scope::count_refusal(scope) };
                 return ptr::null_mut();
@@ -918,6 +930,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
             || !tracker.overdraw(scope))
     {
         if !tracker.collector_in_finalizer() {
+            tracker.tick_in_doubt.set(true);
             // SAFETY: the live active scope.
             unsafe { Scope::count_refusal(scope) };
             return ptr::null_mut();

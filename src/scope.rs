@@ -575,6 +575,9 @@ pub struct ThreadScopes {
     /// LuaJIT's `mem.scope`: the scope that `fn`'s return closed, until its stats are read.
     #[cfg_attr(not(feature = "luajit"), allow(dead_code))]
     pub closed: Option<Rc<Scope>>,
+    /// Whether the record is in the tracker's `thread_records` (from the first scope the
+    /// thread opened until the record is finalized).
+    pub registered: bool,
 }
 
 impl ThreadScopes {

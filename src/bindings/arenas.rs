@@ -8,6 +8,7 @@ use std::rc::Rc;
 use mlua::ffi::{self, lua_State};
 
 use super::errors::{check_tracker, no_arguments, push_owned, raise, type_error};
+use super::scopes::sweep_lost_records;
 use super::{push_str, register, set_int};
 use crate::arena;
 use crate::hook::Tracker;
@@ -153,24 +154,52 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
     1
 }
 
-/// Registry key of a weak table whose `[1]` is the counter armed last, while it lives.
-const GC_TICK_WEAK: &CStr = c"lunet.mem.gc_tick_armed";
+/// Registry key of a table with weak keys whose keys are the counters armed and not freed yet.
+/// A key stays while its counter waits for its finalizer (Lua clears weak values then, weak
+/// keys only once the object is freed), so a counter found there is armed, or about to count.
+const GC_TICKS: &CStr = c"lunet.mem.gc_ticks";
 
-/// Whether the counter armed last is still to be collected. A counter can die without its
-/// finalizer running: Lua 5.3 drops a finalizer whose call fails (no memory for its stack, as
-/// when a budget or `fail_after` refuses the growth), and the counting would stop for good.
+/// Whether the counter armed last is still to be collected or finalized. A counter can die
+/// without its finalizer running: Lua 5.1 to 5.3 drop a finalizer whose call fails (no memory
+/// for its stack, as when a budget or `fail_after` refuses the growth), and the counting would
+/// stop for good.
 ///
 /// # Safety
-/// `L` valid with 2 free slots.
-pub(super) unsafe fn gc_tick_alive(L: *mut lua_State) -> bool {
+/// `L` valid with 3 free slots.
+pub(super) unsafe fn gc_tick_alive(L: *mut lua_State, t: &Tracker) -> bool {
     // SAFETY: valid state; the table's type is checked (the registry is reachable from Lua).
     unsafe {
         let top = ffi::lua_gettop(L);
-        let alive = ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_WEAK.as_ptr())
-            == ffi::LUA_TTABLE
-            && ffi::lua_rawgeti(L, -1, 1) == ffi::LUA_TUSERDATA;
+        let mut alive = false;
+        if ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICKS.as_ptr()) == ffi::LUA_TTABLE {
+            ffi::lua_pushnil(L);
+            while ffi::lua_next(L, -2) != 0 {
+                ffi::lua_pop(L, 1);
+                if ffi::lua_topointer(L, -1) as usize == t.gc_tick.get() {
+                    alive = true;
+                    break;
+                }
+            }
+        }
         ffi::lua_settop(L, top);
         alive
+    }
+}
+
+/// Arms a new GC cycle counter if none is armed, or if the one armed last died without its
+/// finalizer being run: when `check` is set, or when a budget refused an allocation since the
+/// last look (see `Tracker::tick_in_doubt`).
+///
+/// # Safety
+/// `L` valid with 3 free slots. May raise (memory).
+pub(super) unsafe fn keep_gc_ticking(L: *mut lua_State, t: &Tracker, check: bool) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if !t.gc_ticking.get()
+            || ((check || t.tick_in_doubt.replace(false)) && !gc_tick_alive(L, t))
+        {
+            arm_gc_tick(L, t);
+        }
     }
 }
 
@@ -191,20 +220,19 @@ pub(super) unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
         if armed {
             ffi::lua_setmetatable(L, -2);
             // Kept where `gc_tick_alive` looks, weakly.
-            if ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_WEAK.as_ptr())
-                != ffi::LUA_TTABLE
-            {
+            if ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICKS.as_ptr()) != ffi::LUA_TTABLE {
                 ffi::lua_pop(L, 1);
-                ffi::lua_createtable(L, 1, 0);
                 ffi::lua_createtable(L, 0, 1);
-                ffi::lua_pushstring(L, c"v".as_ptr());
+                ffi::lua_createtable(L, 0, 1);
+                ffi::lua_pushstring(L, c"k".as_ptr());
                 ffi::lua_setfield(L, -2, c"__mode".as_ptr());
                 ffi::lua_setmetatable(L, -2);
                 ffi::lua_pushvalue(L, -1);
-                ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, GC_TICK_WEAK.as_ptr());
+                ffi::lua_setfield(L, ffi::LUA_REGISTRYINDEX, GC_TICKS.as_ptr());
             }
             ffi::lua_pushvalue(L, -2);
-            ffi::lua_rawseti(L, -2, 1);
+            ffi::lua_pushboolean(L, 1);
+            ffi::lua_rawset(L, -3);
             ffi::lua_pop(L, 1);
             t.gc_tick.set(ffi::lua_topointer(L, -1) as usize);
         } else {
@@ -229,6 +257,7 @@ unsafe extern "C-unwind" fn l_gc_tick(L: *mut lua_State) -> c_int {
                 return 0; // (one replaced by `make_scope` as lost: see `gc_tick_alive`)
             }
             t.gc_cycles.set(t.gc_cycles.get() + 1);
+            sweep_lost_records(L, t);
             t.arenas.tick();
             // Not armed until the new counter exists: if making it fails (out of memory), the
             // next scope opened arms one.

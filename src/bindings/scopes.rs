@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use mlua::ffi::{self, lua_State};
 
-use super::arenas::{arm_gc_tick, gc_tick_alive};
+use super::arenas::keep_gc_ticking;
 use super::errors::{check_tracker, check_udata, no_arguments, push_owned, raise, rethrow};
 use super::{push_str, register, set_int};
 use crate::arena;
@@ -44,15 +44,90 @@ impl udata::Boxed for ThreadScopes {
             if ptr::eq(t.thread_record.get().cast_const().cast(), self) {
                 t.thread_cached.set(0); // (its box is freed after this)
             }
-            let resumer_scope = thread_scopes(L, t, 0, false)
-                .filter(|ts| ts.resumed)
-                .and_then(|ts| ts.base.clone());
-            if self.in_chain_of(t.active_scope().as_ref())
-                || self.in_chain_of(resumer_scope.as_ref())
-            {
-                return;
+            if self.registered {
+                self.registered = false;
+                let key = ptr::from_mut(self) as usize;
+                t.thread_records.borrow_mut().remove(&key);
             }
-            self.end_open_scopes();
+            end_if_orphaned(L, t, self);
+        }
+    }
+}
+
+/// Ends the scopes of `ts`, the record of a thread that can no longer run, unless one of them
+/// is in the chain of the active scope or of the scope the running thread was resumed from (a
+/// record finalized by hand while its thread runs or waits in a resume).
+///
+/// # Safety
+/// `L` valid with 3 free slots, `t` its tracker. Allocates nothing, raises nothing.
+unsafe fn end_if_orphaned(L: *mut lua_State, t: &Tracker, ts: &mut ThreadScopes) {
+    // SAFETY: forwarded contract; `thread_scopes` without `create` neither allocates nor raises.
+    unsafe {
+        let resumer_scope = thread_scopes(L, t, 0, false)
+            .filter(|running| running.resumed)
+            .and_then(|running| running.base.clone());
+        if ts.in_chain_of(t.active_scope().as_ref()) || ts.in_chain_of(resumer_scope.as_ref()) {
+            return;
+        }
+        ts.end_open_scopes();
+    }
+}
+
+/// Ends the scopes of the threads whose record was collected without its finalizer: Lua 5.1 to
+/// 5.3 drop a finalizer whose call fails, and a budget or `fail_after` active when the
+/// collector calls one may refuse the stack or `CallInfo` the call needs. The thread was
+/// collected, suspended inside its scopes, so nothing else would end them (an arena scope would
+/// run for good). A record with scopes open that is no longer in the table of records is such
+/// a record, or one whose finalizer is still to run (it then finds nothing left to end): its
+/// key, the thread, was collected (a thread only reachable from an object being finalized
+/// stays a key until it is freed). The record's box is left (its finalizer may still come):
+/// only its scopes are ended.
+///
+/// Called by the GC cycle counter, and by `mem.arenas()`. Costs a walk of the table of records,
+/// only while some thread has a scope open.
+///
+/// # Safety
+/// `L` valid, `t` its tracker. Needs 5 free slots (checked). Raises nothing.
+pub(super) unsafe fn sweep_lost_records(L: *mut lua_State, t: &Tracker) {
+    // SAFETY: registered records are live boxes: a record leaves the set in its finalizer,
+    // before its box is dropped, and a box whose finalizer never ran is never dropped.
+    unsafe {
+        let open: Vec<usize> = t
+            .thread_records
+            .borrow()
+            .iter()
+            .copied()
+            .filter(|&r| !(*(r as *const ThreadScopes)).stack.is_empty())
+            .collect();
+        if open.is_empty() || !t.closing.get().is_null() {
+            return;
+        }
+        let was = t.begin_exempt(); // (the stack slots are the module's bookkeeping)
+        let room = ffi::lua_checkstack(L, 5) != 0;
+        t.end_exempt(was);
+        if !room {
+            return;
+        }
+        let top = ffi::lua_gettop(L);
+        ffi::lua_rawgeti(L, ffi::LUA_REGISTRYINDEX, t.threads_ref.get() as _);
+        if ffi::lua_type(L, -1) != ffi::LUA_TTABLE {
+            ffi::lua_settop(L, top);
+            return; // (replaced by a script: nothing says which threads live)
+        }
+        let mut listed = std::collections::HashSet::new();
+        ffi::lua_pushnil(L);
+        while ffi::lua_next(L, -2) != 0 {
+            if let Some(ts) = udata::test::<ThreadScopes>(L, -1) {
+                listed.insert(ptr::from_mut(ts) as usize);
+            }
+            ffi::lua_pop(L, 1);
+        }
+        ffi::lua_settop(L, top);
+        for record in open.into_iter().filter(|r| !listed.contains(r)) {
+            let ts = &mut *(record as *mut ThreadScopes);
+            ts.registered = false;
+            t.thread_records.borrow_mut().remove(&record);
+            end_if_orphaned(L, t, ts);
         }
     }
 }
@@ -216,9 +291,7 @@ pub(super) unsafe fn make_scope(
     unsafe {
         // (its finalizer could not arm the next one, out of memory; or, for the arenas' ages,
         // it died without its finalizer being run)
-        if !t.gc_ticking.get() || (arena.is_some() && !gc_tick_alive(L)) {
-            arm_gc_tick(L, t);
-        }
+        keep_gc_ticking(L, t, arena.is_some());
         let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
             let mut len = 0usize;
             let p = ffi::lua_tolstring(L, name_idx, &mut len);
@@ -252,6 +325,11 @@ pub(super) unsafe fn push_scope(
 ) -> *const Scope {
     if ts.stack.is_empty() {
         ts.base = scope.parent().cloned();
+        if !ts.registered {
+            ts.registered = true;
+            let key = ptr::from_mut(ts) as usize;
+            t.thread_records.borrow_mut().insert(key);
+        }
     }
     let token = Rc::as_ptr(&scope);
     if t.metrics.is_on() {
@@ -314,8 +392,9 @@ pub(super) unsafe fn pop_scope(
 ///
 /// # Safety
 /// `L` valid with 4 free slots, `t` its tracker. Raises if `token` is not an open scope of the
-/// thread (a bug of this module) or, with `want_stats`, on a memory error (leaking that one
-/// scope, never freeing it early).
+/// thread (a bug of this module), on a memory error before anything changes (arming the GC
+/// cycle counter: the module's allocation, never refused by a budget) or, with `want_stats`,
+/// after it closed (leaking that one scope, never freeing it early).
 pub(super) unsafe fn close_scope(
     L: *mut lua_State,
     t: &Tracker,
@@ -324,6 +403,9 @@ pub(super) unsafe fn close_scope(
 ) {
     // SAFETY: forwarded contract.
     unsafe {
+        // (a budget that refused may have refused the GC cycle counter's finalizer call too,
+        // and with it the sweep of lost thread records: see `sweep_lost_records`)
+        keep_gc_ticking(L, t, false);
         let mut closed = match thread_scopes(L, t, 0, false) {
             Some(ts) => pop_scope(t, ts, token),
             None => None,
