@@ -152,10 +152,12 @@ end
 -- (see core.stretch); Lua 5.4 shrinks stacks only in incremental mode, so a generational
 -- collector (lua.c's default) is switched to incremental for the collections and back.
 local stretch = core.stretch
+local keep_gc_ticking = core.keep_gc_ticking
 local switch_mode = VERSION == "lua54" or VERSION == "lua55"
 local settling = false
 local function settle_now()
   settling = true
+  keep_gc_ticking() -- (a GC cycle counter whose finalizer a budget refused: replaced)
   if jit_flush and jit_can_switch() then jit_flush() end
   local mode = switch_mode and collectgarbage("incremental")
   stretch()

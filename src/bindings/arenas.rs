@@ -27,6 +27,7 @@ pub(super) unsafe fn open(L: *mut lua_State) {
                 (c"arenas", l_arenas),
                 (c"arena_of", l_arena_of),
                 (c"adaptive_arenas", l_adaptive_arenas),
+                (c"keep_gc_ticking", l_keep_gc_ticking),
             ],
         )
     }
@@ -61,6 +62,7 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
     unsafe {
         let t = check_tracker(L);
         no_arguments(L, c"arenas");
+        keep_gc_ticking(L, t, false); // (the arenas' ages)
         let list = t.arenas.list();
         push_owned(L, list, |list| push_arena_list(L, list));
     }
@@ -188,7 +190,9 @@ pub(super) unsafe fn gc_tick_alive(L: *mut lua_State, t: &Tracker) -> bool {
 
 /// Arms a new GC cycle counter if none is armed, or if the one armed last died without its
 /// finalizer being run: when `check` is set, or when a budget refused an allocation since the
-/// last look (see `Tracker::tick_in_doubt`).
+/// last look (see `Tracker::tick_in_doubt`). Not where a raise would break a promise: when a
+/// scope closes, for one (Lua 5.2 and 5.3 raise a finalizer's error, such as the memory error
+/// of a call refused by a used-up budget, from whatever allocation ran the collection step).
 ///
 /// # Safety
 /// `L` valid with 3 free slots. May raise (memory).
@@ -201,6 +205,18 @@ pub(super) unsafe fn keep_gc_ticking(L: *mut lua_State, t: &Tracker, check: bool
             arm_gc_tick(L, t);
         }
     }
+}
+
+/// `core.keep_gc_ticking()`: [`keep_gc_ticking`], for `mem.settle` (whose collections then
+/// count, and sweep lost thread records).
+unsafe extern "C-unwind" fn l_keep_gc_ticking(L: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua; nothing with a destructor is alive when it raises.
+    unsafe {
+        let t = check_tracker(L);
+        ffi::luaL_checkstack(L, 3, ptr::null());
+        keep_gc_ticking(L, t, false);
+    }
+    0
 }
 
 /// Registry key of the metatable of the GC cycle counter.

@@ -83,8 +83,9 @@ unsafe fn end_if_orphaned(L: *mut lua_State, t: &Tracker, ts: &mut ThreadScopes)
 /// stays a key until it is freed). The record's box is left (its finalizer may still come):
 /// only its scopes are ended.
 ///
-/// Called by the GC cycle counter, and by `mem.arenas()`. Costs a walk of the table of records,
-/// only while some thread has a scope open.
+/// Called by the GC cycle counter, once per cycle. Costs a walk of the table of records, only
+/// while some thread has a scope open. (A counter whose own finalizer was dropped is replaced
+/// when the next scope opens, or at the next `mem.settle()` or `mem.arenas()`.)
 ///
 /// # Safety
 /// `L` valid, `t` its tracker. Needs 5 free slots (checked). Raises nothing.
@@ -392,9 +393,8 @@ pub(super) unsafe fn pop_scope(
 ///
 /// # Safety
 /// `L` valid with 4 free slots, `t` its tracker. Raises if `token` is not an open scope of the
-/// thread (a bug of this module), on a memory error before anything changes (arming the GC
-/// cycle counter: the module's allocation, never refused by a budget) or, with `want_stats`,
-/// after it closed (leaking that one scope, never freeing it early).
+/// thread (a bug of this module) or, with `want_stats`, on a memory error (leaking that one
+/// scope, never freeing it early).
 pub(super) unsafe fn close_scope(
     L: *mut lua_State,
     t: &Tracker,
@@ -403,9 +403,6 @@ pub(super) unsafe fn close_scope(
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        // (a budget that refused may have refused the GC cycle counter's finalizer call too,
-        // and with it the sweep of lost thread records: see `sweep_lost_records`)
-        keep_gc_ticking(L, t, false);
         let mut closed = match thread_scopes(L, t, 0, false) {
             Some(ts) => pop_scope(t, ts, token),
             None => None,
