@@ -310,6 +310,24 @@ impl Tracker {
         false
     }
 
+    /// LuaJIT: whether the collector itself is allocating (the VM in its GC state: a string
+    /// table shrunk at the end of a cycle, 32 KiB for 4096 slots). Such a block is the VM's, not
+    /// the active scope's: not charged to its budget (where, past the limit, it made the
+    /// scope fail at random: fuzzer seed 1742 on luajit-current, where the collector's next step
+    /// freed it again), not placed in its arena (which it would pin). Only asked when `defer`
+    /// is set, which the GC state implies.
+    #[inline(always)]
+    fn collector_allocating(&self, defer: bool) -> bool {
+        #[cfg(feature = "luajit")]
+        if defer {
+            if let Some(vm) = self.vm.get() {
+                return vm.doing() == crate::luajit::Doing::Collecting;
+            }
+        }
+        let _ = defer;
+        false
+    }
+
     /// An allocation past the budgets of `scope` is admitted anyway: `scope` fails when it
     /// closes, if nothing fails sooner. Returns true.
     #[cold]
@@ -373,8 +391,8 @@ impl Tracker {
                 )
             }
             Doing::Compiled => (scope, self.oom_unsafe_jit.get()),
-            // (the collector's frees count as before; its rare allocations, such as the string
-            // table's, are never refused)
+            // (the collector's frees count as before; its own rare allocations, such as the
+            // string table's, are nobody's: see `Tracker::collector_allocating`)
             Doing::Collecting => (scope, true),
             Doing::Compiling => {
                 if !self.jit_compiling.replace(true) {
@@ -890,7 +908,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
         if nsize == 0 {
             return ptr::null_mut();
         }
-        if scope.is_null() {
+        if scope.is_null() || tracker.collector_allocating(defer) {
             // SAFETY: forwarded contract.
             let result = unsafe { serve::<MIMALLOC>(tracker, ptr::null_mut(), osize, nsize) };
             if !result.is_null() {
@@ -922,7 +940,9 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     }
     // A growth may fail (a scope's budget); a free or a shrink never does.
     let mut charge = scope;
-    if !scope.is_null()
+    if nsize > osize && tracker.collector_allocating(defer) {
+        charge = ptr::null(); // (the collector's: see `collector_allocating`)
+    } else if !scope.is_null()
         && nsize > osize
         && !tracker.admits(scope, nsize - osize, defer)
         && (tracker.may_refuse_growth(block)
