@@ -45,6 +45,13 @@ const G_MAINTHREF: usize = 192;
 /// `cur_L`: before 2023 (no `vmthref`) and since.
 const G_CUR_L: [usize; 2] = [368, 376];
 
+/// `ctype_state` (the FFI's C type state, null until `require "ffi"`): after `cur_L` and
+/// `jit_base`, in every 2.1 since 2020.
+const G_CTYPE_STATE_AFTER_CUR_L: usize = 16;
+/// `CTState`: `L`, then `g` (after the type table's pointer and two 32-bit sizes).
+const CTS_L: usize = 16;
+const CTS_G: usize = 24;
+
 /// `~vmstate` values (`LJ_VMST_*`); a `vmstate` of 0 or more is the number of the running trace.
 pub const VMST_INTERP: i32 = !0;
 pub const VMST_C: i32 = !1;
@@ -235,6 +242,25 @@ impl Vm {
     pub fn enter_hook(&self) {
         // SAFETY: as in `leave_hook`.
         unsafe { *(self.g.add(G_HOOKMASK) as *mut u8) |= HOOK_ACTIVE };
+    }
+
+    /// The FFI keeps the thread of its last call (`cts->L`, for callbacks and errors), and a
+    /// current 2.1 marks it as a root of the collector: a coroutine suspended after an FFI call
+    /// (the module's `mem.scope` makes some) stayed alive, its scopes open, until another thread
+    /// made one. If `cts->L` is `co`, it becomes `to` (the thread running again), as LuaJIT
+    /// itself does when it frees a thread. The FFI state is checked first: its `g` is this VM.
+    pub fn release_ffi_thread(&self, co: *mut lua_State, to: *mut lua_State) {
+        // SAFETY: `g` is the checked global state; `ctype_state` is read at the offset of every
+        // 2.1 since 2020 and used only if it points to a `CTState` of this VM.
+        unsafe {
+            let cts = read::<*mut u8>(self.g, self.cur_l + G_CTYPE_STATE_AFTER_CUR_L);
+            if cts.is_null() || read::<*const u8>(cts, CTS_G) != self.g {
+                return;
+            }
+            if read::<*mut lua_State>(cts, CTS_L) == co {
+                ptr::write(cts.add(CTS_L) as *mut *mut lua_State, to);
+            }
+        }
     }
 
     /// The thread running now (`g->cur_L`).

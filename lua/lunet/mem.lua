@@ -537,14 +537,55 @@ if core.make_scope then
   M.scope = core.make_scope(prepare, names)
 else
   -- LuaJIT: Lua, so that `fn` can yield inside the scope (LuaJIT yields across its
-  -- own `pcall`, not across a C function). The scope is active only inside the protected call
-  -- (src/bindings/scope_lua.rs).
+  -- own `pcall`, not across a C function). The scope becomes active inside the protected call
+  -- and closes right after it (src/bindings/scope_lua.rs).
   local scope_prepare, scope_activate = core.scope_prepare, core.scope_activate
   local scope_close_ok, scope_finish = core.scope_close_ok, core.scope_finish
 
+  -- Three of them through the FFI, callable from compiled code: a C function called through
+  -- the Lua API ends a trace, and every request ran through the interpreter's C-call path four
+  -- times. They do the common case (a scope without a budget, opened, closed and finished by
+  -- the thread whose record the module has cached) and answer 0 for anything else, which the
+  -- Lua C functions then do (src/bindings/scope_lua.rs).
+  local jit_prepare, jit_activate, jit_close, T
+  do
+    local has_ffi, ffi = pcall(require, "ffi")
+    if has_ffi then
+      local t, prepare_fn, activate_fn, close_fn = core.jit_scope_calls()
+      T = ffi.cast("void *", t) -- (a light userdata argument stops the trace recorder)
+      jit_prepare = ffi.cast("double (*)(void *, const char *, size_t, double)", prepare_fn)
+      jit_activate = ffi.cast("int (*)(void *, double)", activate_fn)
+      jit_close = ffi.cast("int (*)(void *, double)", close_fn)
+    end
+  end
+
+  local function prepare_scope(name, arena, limit)
+    if jit_prepare and limit == nil and type(name) == "string" then
+      local token = jit_prepare(T, name, #name, arena or -1)
+      if token ~= 0 then return token end
+    end
+    return scope_prepare(name, arena, limit)
+  end
+
+  local function activate(token)
+    if not (jit_activate and jit_activate(T, token) ~= 0) then scope_activate(token) end
+  end
+
+  -- After the protected call: `fn` returned (`ok`) and its scope is still open, or it failed.
+  -- (The scope closes here, not in the protected call: a trace cannot record the return of a
+  -- function with `...` into pcall's frame, "NYI: return to lower frame". A close that fails,
+  -- its scope overdrawn, still fails in a protected call, and scope_finish then sees it.)
+  local function finish(token, on_exit, ok, ...)
+    if ok then
+      if on_exit == nil and jit_close and jit_close(T, token) ~= 0 then return ... end
+      return scope_finish(token, on_exit, pcall(scope_close_ok, token, ...))
+    end
+    return scope_finish(token, on_exit, ok, ...)
+  end
+
   local function run(token, fn, ...)
-    scope_activate(token)
-    return scope_close_ok(token, fn(...))
+    activate(token)
+    return fn(...)
   end
 
   -- (`fn` is a named parameter rather than taken with `select(2, ...)`: Debian's LuaJIT
@@ -553,8 +594,8 @@ else
   local current = core.current
   local function scope_with(name, on_exit, arena, limit, fn, ...)
     if arena and not vm_primed and current() == nil then prime_vm() end
-    local token = scope_prepare(name, arena, limit)
-    return scope_finish(token, on_exit, pcall(run, token, fn, ...))
+    local token = prepare_scope(name, arena, limit)
+    return finish(token, on_exit, pcall(run, token, fn, ...))
   end
 
   -- The same for a call with at most three arguments, held in fixed parameters: LuaJIT's trace
@@ -569,14 +610,14 @@ else
   end
 
   local function run_n(token, fn, n, x1, x2, x3)
-    scope_activate(token)
-    return scope_close_ok(token, call_n(fn, n, x1, x2, x3))
+    activate(token)
+    return call_n(fn, n, x1, x2, x3)
   end
 
   local function scope_with_n(name, on_exit, arena, limit, fn, n, x1, x2, x3)
     if arena and not vm_primed and current() == nil then prime_vm() end
-    local token = scope_prepare(name, arena, limit)
-    return scope_finish(token, on_exit, pcall(run_n, token, fn, n, x1, x2, x3))
+    local token = prepare_scope(name, arena, limit)
+    return finish(token, on_exit, pcall(run_n, token, fn, n, x1, x2, x3))
   end
 
   function M.scope(a, ...)

@@ -123,19 +123,26 @@ pub(crate) unsafe fn leave(L: *mut lua_State, t: &Tracker, idx: c_int) {
     // SAFETY: as for `enter`.
     unsafe {
         t.trace.set_running(L); // the resumer runs again
-        forget_thread(t, ffi::lua_tothread(L, idx));
+        forget_thread(t, ffi::lua_tothread(L, idx), L);
         if let Some(ts) = thread_scopes(L, t, idx, false) {
             t.set_active_scope(ts.base.clone());
         }
     }
 }
 
-/// Drops the cached record of `co` (see `Tracker::thread_cached`): it no longer runs, and may
-/// be collected.
-fn forget_thread(t: &Tracker, co: *mut lua_State) {
+/// Drops the cached record of `co` (see `Tracker::thread_cached`), and LuaJIT's FFI's hold on
+/// it, given to `resumer` (see `Vm::release_ffi_thread`): it no longer runs, and may be
+/// collected.
+fn forget_thread(t: &Tracker, co: *mut lua_State, resumer: *mut lua_State) {
     if t.thread_cached.get() == co as usize {
         t.thread_cached.set(0);
     }
+    #[cfg(feature = "luajit")]
+    if let Some(vm) = t.vm.get() {
+        vm.release_ffi_thread(co, resumer);
+    }
+    #[cfg(not(feature = "luajit"))]
+    let _ = resumer;
 }
 
 /// Before the thread at `idx` runs its `__close` handlers to be closed (it is dead or
@@ -165,7 +172,7 @@ unsafe fn enter_closing(L: *mut lua_State, t: &Tracker, idx: c_int) {
 unsafe fn leave_closed(L: *mut lua_State, t: &Tracker, idx: c_int) {
     // SAFETY: as for `enter`.
     unsafe {
-        forget_thread(t, ffi::lua_tothread(L, idx));
+        forget_thread(t, ffi::lua_tothread(L, idx), L);
         if let Some(ts) = thread_scopes(L, t, idx, false) {
             while let Some(scope) = ts.stack.pop() {
                 scope.close();

@@ -253,12 +253,16 @@ pub(super) unsafe fn arena_option(L: *mut lua_State, idx: c_int) -> Option<usize
         if ffi::lua_type(L, idx) != ffi::LUA_TNUMBER {
             return None;
         }
-        let bytes = ffi::lua_tointeger(L, idx).max(0) as usize;
-        Some(if bytes == 0 {
-            arena::DEFAULT_CHUNK
-        } else {
-            bytes.clamp(arena::DEFAULT_CHUNK, arena::MAX_CHUNK)
-        })
+        Some(arena_chunk(ffi::lua_tointeger(L, idx).max(0) as usize))
+    }
+}
+
+/// The first chunk's size for an arena option of `bytes` (0: the default).
+pub(super) fn arena_chunk(bytes: usize) -> usize {
+    if bytes == 0 {
+        arena::DEFAULT_CHUNK
+    } else {
+        bytes.clamp(arena::DEFAULT_CHUNK, arena::MAX_CHUNK)
     }
 }
 
@@ -300,17 +304,28 @@ pub(super) unsafe fn make_scope(
         } else {
             Rc::from("scope")
         };
-        let scope = Scope::guarded(name, t.active_scope(), arena, &t.arenas, guard);
-        // SAFETY (both): the tracker, and its counts and ledger, outlive every scope of its
-        // state.
-        if scope.has_budget() {
-            scope.count_in(&t.budgeted_scopes);
-        }
-        if scope.tracks_kept() {
-            scope.use_ledger(&t.ledger);
-        }
-        scope
+        new_scope(t, name, arena, guard)
     }
+}
+
+/// The part of [`make_scope`] that needs no Lua: the scope named `name`, opened inside the
+/// active scope.
+pub(super) fn new_scope(
+    t: &Tracker,
+    name: Rc<str>,
+    arena: Option<usize>,
+    guard: Guard,
+) -> Rc<Scope> {
+    let scope = Scope::guarded(name, t.active_scope(), arena, &t.arenas, guard);
+    if scope.has_budget() {
+        // SAFETY: the tracker, and its counts, outlive every scope of its state.
+        unsafe { scope.count_in(&t.budgeted_scopes) };
+    }
+    if scope.tracks_kept() {
+        // SAFETY: the tracker, and its ledger, outlive every scope of its state.
+        unsafe { scope.use_ledger(&t.ledger) };
+    }
+    scope
 }
 
 /// Makes `scope` (made by [`make_scope`] in this thread, with the active scope as its parent)
