@@ -1,5 +1,6 @@
 -- The cost of one scope switch: nanoseconds per call of an empty function, called directly,
--- through pcall, and in a scope (named, with options, with an arena), best of 5 loops.
+-- through pcall, and in a scope (named, with options, with an arena), best of 5 loops; then
+-- the cost of counting blocks for a scope: ns per small table made outside and inside one.
 --   lua bench/scope_cost.lua [calls]       (with the module on package.cpath: scripts/rock.sh)
 local mem = require "lunet.mem"
 local N = tonumber(arg[1] or 1000000)
@@ -42,3 +43,10 @@ bench("scope{arena = true}", math.floor(N / 4), function(n)
   for i = 1, n do s = s + mem.scope(ARENA, h, i) end
   return s
 end)
+
+-- What counting a block for the active scope costs: a small table made (and, by the collector,
+-- freed) outside any scope and inside one, in ns per table.
+local ring = {}
+local function churn(n) for i = 1, n do ring[i % 64 + 1] = { i } end end
+bench("table, no scope", N, churn)
+bench("table, in a scope", N, function(n) mem.scope("churn", churn, n) end)

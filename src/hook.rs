@@ -183,9 +183,9 @@ pub struct Tracker {
     /// finalized: what the GC cycle counter looks through for records whose finalizer Lua
     /// dropped (see `sweep_lost_records` in `src/bindings/scopes.rs`).
     pub thread_records: RefCell<HashSet<usize>>,
-    /// Set when a budget or `fail_after` refused an allocation: a finalizer may have been
-    /// dropped for it (Lua 5.1 to 5.3), the GC cycle counter's among them. The next scope
-    /// opened checks that the counter still lives.
+    /// Set when a budget or `fail_after` refused an allocation, or the host allocator failed
+    /// one outside scopes: a finalizer may have been dropped for it (Lua 5.1 to 5.3), the GC
+    /// cycle counter's among them. The next scope opened checks that the counter still lives.
     pub tick_in_doubt: Cell<bool>,
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
@@ -326,6 +326,22 @@ impl Tracker {
         }
         let _ = defer;
         false
+    }
+
+    /// Whether a call of the hook is for one of lauxlib's string buffers (a new one made at a
+    /// buffer's call site, or a live one resized or freed): not Lua's memory (see
+    /// `crate::auxbuf`).
+    #[cfg(aux_buffers)]
+    #[inline(always)]
+    fn is_aux_buffer_call(
+        &self,
+        block: *mut c_void,
+        osize: usize,
+        nsize: usize,
+        caller: usize,
+    ) -> bool {
+        (block.is_null() && osize == 0 && self.aux.is_buffer_site(caller, nsize))
+            || self.aux.is_live_buffer(block, caller)
     }
 
     /// An allocation past the budgets of `scope` is admitted anyway: `scope` fails when it
@@ -894,9 +910,7 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
     debug_assert!(ptr::eq(ud.cast_const().cast(), tracker));
     // lauxlib's string buffers: not Lua's memory (see `crate::auxbuf`).
     #[cfg(aux_buffers)]
-    if (block.is_null() && osize == 0 && tracker.aux.is_buffer_site(caller, nsize))
-        || tracker.aux.is_live_buffer(block, caller)
-    {
+    if tracker.is_aux_buffer_call(block, osize, nsize, caller) {
         // SAFETY: forwarded contract.
         return unsafe { serve_buffer::<MIMALLOC>(tracker, block, osize, nsize, caller) };
     }
@@ -913,6 +927,8 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
             let result = unsafe { serve::<MIMALLOC>(tracker, ptr::null_mut(), osize, nsize) };
             if !result.is_null() {
                 tracker.count_alloc(nsize, osize);
+            } else {
+                tracker.tick_in_doubt.set(true); // (out of memory: a finalizer may be dropped)
             }
             return result;
         }
@@ -935,6 +951,8 @@ pub(crate) unsafe fn counted<const MIMALLOC: bool>(
                 // SAFETY: as above; the scope releases its entries when it closes.
                 unsafe { tracker.ledger.made(scope, result as usize, nsize) };
             }
+        } else {
+            tracker.tick_in_doubt.set(true); // (out of memory: a finalizer may be dropped)
         }
         return result;
     }
@@ -990,9 +1008,7 @@ pub(crate) unsafe fn traced<const MIMALLOC: bool>(
 ) -> *mut c_void {
     // (lauxlib's string buffers are not Lua's memory: not recorded, see `crate::auxbuf`)
     #[cfg(aux_buffers)]
-    if (block.is_null() && osize == 0 && t.aux.is_buffer_site(caller, nsize))
-        || t.aux.is_live_buffer(block, caller)
-    {
+    if t.is_aux_buffer_call(block, osize, nsize, caller) {
         // SAFETY: forwarded contract.
         return unsafe { counted::<MIMALLOC>(t, ud, block, osize, nsize, caller) };
     }

@@ -62,7 +62,7 @@ unsafe extern "C-unwind" fn l_arenas(L: *mut lua_State) -> c_int {
     unsafe {
         let t = check_tracker(L);
         no_arguments(L, c"arenas");
-        keep_gc_ticking(L, t, false); // (the arenas' ages)
+        keep_gc_ticking(L, t); // (the arenas' ages)
         let list = t.arenas.list();
         push_owned(L, list, |list| push_arena_list(L, list));
     }
@@ -189,19 +189,18 @@ pub(super) unsafe fn gc_tick_alive(L: *mut lua_State, t: &Tracker) -> bool {
 }
 
 /// Arms a new GC cycle counter if none is armed, or if the one armed last died without its
-/// finalizer being run: when `check` is set, or when a budget refused an allocation since the
-/// last look (see `Tracker::tick_in_doubt`). Not where a raise would break a promise: when a
+/// finalizer being run, which only a refused allocation can make happen: it is looked for only
+/// when a budget (or the host allocator) refused one since the last look (see
+/// `Tracker::tick_in_doubt`). Not where a raise would break a promise: when a
 /// scope closes, for one (Lua 5.2 and 5.3 raise a finalizer's error, such as the memory error
 /// of a call refused by a used-up budget, from whatever allocation ran the collection step).
 ///
 /// # Safety
 /// `L` valid with 3 free slots. May raise (memory).
-pub(super) unsafe fn keep_gc_ticking(L: *mut lua_State, t: &Tracker, check: bool) {
+pub(super) unsafe fn keep_gc_ticking(L: *mut lua_State, t: &Tracker) {
     // SAFETY: forwarded contract.
     unsafe {
-        if !t.gc_ticking.get()
-            || ((check || t.tick_in_doubt.replace(false)) && !gc_tick_alive(L, t))
-        {
+        if !t.gc_ticking.get() || (t.tick_in_doubt.replace(false) && !gc_tick_alive(L, t)) {
             arm_gc_tick(L, t);
         }
     }
@@ -214,7 +213,7 @@ unsafe extern "C-unwind" fn l_keep_gc_ticking(L: *mut lua_State) -> c_int {
     unsafe {
         let t = check_tracker(L);
         ffi::luaL_checkstack(L, 3, ptr::null());
-        keep_gc_ticking(L, t, false);
+        keep_gc_ticking(L, t);
     }
     0
 }

@@ -294,9 +294,9 @@ pub(super) unsafe fn make_scope(
 ) -> Rc<Scope> {
     // SAFETY: forwarded contract.
     unsafe {
-        // (its finalizer could not arm the next one, out of memory; or, for the arenas' ages,
-        // it died without its finalizer being run)
-        keep_gc_ticking(L, t, arena.is_some());
+        // (its finalizer could not arm the next one, out of memory; or it died without its
+        // finalizer being run)
+        keep_gc_ticking(L, t);
         let name = if ffi::lua_type(L, name_idx) == ffi::LUA_TSTRING {
             let mut len = 0usize;
             let p = ffi::lua_tolstring(L, name_idx, &mut len);

@@ -151,13 +151,31 @@ local function expand_table(w, t)
   return n
 end
 
+-- Lua 5.2 to 5.5 make the main function of a chunk before they parse it and set its upvalue
+-- after: a collection step in the parser can run a finalizer that walks the heap (a leak check
+-- in a `__gc`), and debug.getupvalue on that function, found on `load`'s stack, reads through a
+-- null pointer. Its upvalue's id is null then: `fail` on 5.4+, a null light userdata on 5.2.
+-- 5.3's debug.upvalueid reads the upvalue itself: there the upvalues of main functions (their
+-- `_ENV`, nearly always) are not followed.
+local upvalueid = debug.upvalueid
+local ID_OF_UNSET = VERSION == "Lua 5.2" and "null" or VERSION == "Lua 5.3" and "unsafe" or "fail"
+local function upvalue_unset(f, i)
+  local ok, id = pcall(upvalueid, f, i)
+  if not ok or id == nil then return true end
+  if ID_OF_UNSET ~= "null" then return false end
+  local address = tostring(id):match(": (.*)$")
+  return address == nil or address == "(nil)" or address:find("^[0x]*$") ~= nil
+end
+
 local function expand_function(w, f)
-  local i = 1
-  while true do
-    local name, v = getupvalue(f, i)
-    if name == nil then break end
-    visit(w, v, f, "upvalue", name ~= "" and name or i)
-    i = i + 1
+  local info = getinfo(f, "Su")
+  if not (upvalueid and ID_OF_UNSET == "unsafe" and info.what == "main") then
+    for i = 1, info.nups do
+      if upvalueid and upvalue_unset(f, i) then break end
+      local name, v = getupvalue(f, i)
+      if name == nil then break end
+      visit(w, v, f, "upvalue", name ~= "" and name or i)
+    end
   end
   if getfenv then visit(w, getfenv(f), f, "environment") end
 end
