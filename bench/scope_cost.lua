@@ -47,6 +47,9 @@ end)
 -- What counting a block for the active scope costs: a small table made (and, by the collector,
 -- freed) outside any scope and inside one, in ns per table.
 local ring = {}
-local function churn(n) for i = 1, n do ring[i % 64 + 1] = { i } end end
+local function churn(n)
+  for i = 1, n do ring[i % 64 + 1] = { i } end
+  return #ring
+end
 bench("table, no scope", N, churn)
 bench("table, in a scope", N, function(n) mem.scope("churn", churn, n) end)
