@@ -161,6 +161,10 @@ unsafe extern "C-unwind" fn l_arena_of(L: *mut lua_State) -> c_int {
 /// keys only once the object is freed), so a counter found there is armed, or about to count.
 const GC_TICKS: &CStr = c"lunet.mem.gc_ticks";
 
+/// The hash size of that table, and the keys that hold half of it (see `arm_gc_tick`).
+const GC_TICKS_SLOTS: c_int = 16;
+const GC_TICKS_PADS: [&CStr; 8] = [c"1", c"2", c"3", c"4", c"5", c"6", c"7", c"8"];
+
 /// Whether the counter armed last is still to be collected or finalized. A counter can die
 /// without its finalizer running: Lua 5.1 to 5.3 drop a finalizer whose call fails (no memory
 /// for its stack, as when a budget or `fail_after` refuses the growth), and the counting would
@@ -237,7 +241,15 @@ pub(super) unsafe fn arm_gc_tick(L: *mut lua_State, t: &Tracker) {
             // Kept where `gc_tick_alive` looks, weakly.
             if ffi::lua_getfield(L, ffi::LUA_REGISTRYINDEX, GC_TICKS.as_ptr()) != ffi::LUA_TTABLE {
                 ffi::lua_pop(L, 1);
-                ffi::lua_createtable(L, 0, 1);
+                // Its size must not move with the counters in it (a measurement would see the
+                // table grow or shrink between its readings): string keys, which a weak table
+                // never drops, keep at least 8 of its 16 slots in use, so that a rehash (one
+                // counter freed, another set) finds the same size.
+                ffi::lua_createtable(L, 0, GC_TICKS_SLOTS);
+                for pad in GC_TICKS_PADS {
+                    ffi::lua_pushboolean(L, 1);
+                    ffi::lua_setfield(L, -2, pad.as_ptr());
+                }
                 ffi::lua_createtable(L, 0, 1);
                 ffi::lua_pushstring(L, c"k".as_ptr());
                 ffi::lua_setfield(L, -2, c"__mode".as_ptr());
