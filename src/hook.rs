@@ -179,6 +179,11 @@ pub struct Tracker {
     pub thread_cached: Cell<usize>,
     /// That thread's record (a `*mut ThreadScopes`), valid while `thread_cached` is not 0.
     pub thread_record: Cell<*mut c_void>,
+    /// What LuaJIT's `mem.scope` passes to its FFI functions (`core.jit_scope_calls`): a cell
+    /// that holds this tracker, emptied when the tracker is dropped (Lua code can still run
+    /// then: finalizers in `lua_close`), never freed (compiled Lua code may hold it). Null
+    /// until asked for.
+    pub jit_handle: Cell<*const Cell<*const Tracker>>,
     /// The records (`*mut ThreadScopes`) of the threads that opened a scope, until each is
     /// finalized: what the GC cycle counter looks through for records whose finalizer Lua
     /// dropped (see `sweep_lost_records` in `src/bindings/scopes.rs`).
@@ -190,6 +195,16 @@ pub struct Tracker {
     /// The state's arenas (arena scopes). Declared last: dropped after `active_owner`, whose
     /// scope may refer to an arena.
     pub arenas: ArenaSet,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        let handle = self.jit_handle.get();
+        if !handle.is_null() {
+            // SAFETY: the handle is leaked when made: it outlives every tracker.
+            unsafe { (*handle).set(ptr::null()) };
+        }
+    }
 }
 
 impl Tracker {
@@ -248,6 +263,7 @@ impl Tracker {
             gc_tick: Cell::new(0),
             thread_cached: Cell::new(0),
             thread_record: Cell::new(ptr::null_mut()),
+            jit_handle: Cell::new(ptr::null()),
             thread_records: RefCell::new(HashSet::new()),
             tick_in_doubt: Cell::new(false),
         }

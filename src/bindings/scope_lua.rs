@@ -24,6 +24,7 @@
 //! GC cycle counter in doubt): mem.lua then calls the Lua C functions, which do it all. A
 //! token is the scope's address as a number, the same for both forms.
 
+use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::ptr;
 use std::rc::Rc;
@@ -80,19 +81,26 @@ fn token_of(scope: *const Scope) -> f64 {
     scope as usize as f64
 }
 
-/// `core.jit_scope_calls()`: the tracker, then the addresses of [`jit_prepare`],
+/// What the FFI functions get first: the tracker's handle (`Tracker::jit_handle`).
+type Handle = Cell<*const Tracker>;
+
+/// `core.jit_scope_calls()`: the tracker's handle, then the addresses of [`jit_prepare`],
 /// [`jit_activate`] and [`jit_close`], as light userdata for `ffi.cast`.
 unsafe extern "C-unwind" fn l_jit_scope_calls(L: *mut lua_State) -> c_int {
     // SAFETY: called by Lua.
     unsafe {
         let t = check_tracker(L);
+        if t.jit_handle.get().is_null() {
+            let handle: &'static Handle = Box::leak(Box::new(Cell::new(ptr::from_ref(t))));
+            t.jit_handle.set(handle);
+        }
         let entries: [*mut c_void; 3] = [
             jit_prepare as *mut c_void,
             jit_activate as *mut c_void,
             jit_close as *mut c_void,
         ];
         ffi::luaL_checkstack(L, 4, ptr::null());
-        ffi::lua_pushlightuserdata(L, ptr::from_ref(t).cast_mut().cast());
+        ffi::lua_pushlightuserdata(L, t.jit_handle.get().cast_mut().cast());
         for entry in entries {
             ffi::lua_pushlightuserdata(L, entry);
         }
@@ -122,16 +130,19 @@ unsafe fn cached_record<'a>(t: &Tracker) -> Option<&'a mut ThreadScopes> {
 /// bytes or -1 for none. Returns the token, or 0 where `scope_prepare` must do it.
 ///
 /// # Safety
-/// `t` the live tracker of the state whose Lua code calls, `name` valid for `len` bytes.
+/// `handle` the handle of the state whose Lua code calls (see `Tracker::jit_handle`), `name`
+/// valid for `len` bytes.
 unsafe extern "C" fn jit_prepare(
-    t: *const Tracker,
+    handle: *const Handle,
     name: *const u8,
     len: usize,
     arena: f64,
 ) -> f64 {
     // SAFETY: forwarded contract.
     unsafe {
-        let t = &*t;
+        let Some(t) = (*handle).get().as_ref() else {
+            return 0.0; // (a dropped tracker)
+        };
         let Some(ts) = cached_record(t) else {
             return 0.0;
         };
@@ -151,10 +162,12 @@ unsafe extern "C" fn jit_prepare(
 ///
 /// # Safety
 /// As for [`jit_prepare`].
-unsafe extern "C" fn jit_activate(t: *const Tracker, token: f64) -> c_int {
+unsafe extern "C" fn jit_activate(handle: *const Handle, token: f64) -> c_int {
     // SAFETY: forwarded contract.
     unsafe {
-        let t = &*t;
+        let Some(t) = (*handle).get().as_ref() else {
+            return 0;
+        }; // (a dropped tracker)
         let Some(ts) = cached_record(t) else { return 0 };
         match ts.pending.take() {
             Some(scope) if token_of(Rc::as_ptr(&scope)) == token => {
@@ -175,10 +188,12 @@ unsafe extern "C" fn jit_activate(t: *const Tracker, token: f64) -> c_int {
 ///
 /// # Safety
 /// As for [`jit_prepare`].
-unsafe extern "C" fn jit_close(t: *const Tracker, token: f64) -> c_int {
+unsafe extern "C" fn jit_close(handle: *const Handle, token: f64) -> c_int {
     // SAFETY: forwarded contract; the innermost scope is live (the record holds it).
     unsafe {
-        let t = &*t;
+        let Some(t) = (*handle).get().as_ref() else {
+            return 0;
+        }; // (a dropped tracker)
         let Some(ts) = cached_record(t) else { return 0 };
         let Some(top) = ts.stack.last() else { return 0 };
         let top = Rc::as_ptr(top);
