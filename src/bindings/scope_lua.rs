@@ -108,21 +108,28 @@ unsafe extern "C-unwind" fn l_jit_scope_calls(L: *mut lua_State) -> c_int {
     4
 }
 
-/// The running thread's record, when the tracker has it cached: the only one the FFI forms use
-/// (finding another takes the Lua API). Clears the bookkeeping flag as every call into the
-/// module does (see `Tracker::exempt`).
+/// The tracker behind `handle` (none once it was dropped) and the running thread's record, when
+/// the tracker has it cached: the only one the FFI forms use (finding another takes the Lua
+/// API). Clears the bookkeeping flag as every call into the module does (see
+/// `Tracker::exempt`).
 ///
 /// # Safety
-/// `t` a live tracker, called from Lua code of its state (through the FFI).
-unsafe fn cached_record<'a>(t: &Tracker) -> Option<&'a mut ThreadScopes> {
+/// `handle` the handle of the state whose Lua code calls, through the FFI (see
+/// `Tracker::jit_handle`).
+unsafe fn cached_record<'a>(handle: *const Handle) -> Option<(&'a Tracker, &'a mut ThreadScopes)> {
+    // SAFETY: the handle is never freed; it holds the live tracker or null.
+    let t = unsafe { (*handle).get().as_ref() }?;
     if t.exempt_calls.get() == 0 {
         t.exempt.set(false);
     }
     let running = t.vm.get()?.current_thread();
+    if t.thread_cached.get() != running as usize {
+        return None;
+    }
     // SAFETY: a cached record is live while its thread is the cached one (see
     // `Tracker::thread_cached`).
-    (t.thread_cached.get() == running as usize)
-        .then(|| unsafe { &mut *(t.thread_record.get() as *mut ThreadScopes) })
+    let ts = unsafe { &mut *(t.thread_record.get() as *mut ThreadScopes) };
+    Some((t, ts))
 }
 
 /// FFI form of `scope_prepare(name, arena)` for a scope without a budget: `name` is the scope
@@ -130,8 +137,7 @@ unsafe fn cached_record<'a>(t: &Tracker) -> Option<&'a mut ThreadScopes> {
 /// bytes or -1 for none. Returns the token, or 0 where `scope_prepare` must do it.
 ///
 /// # Safety
-/// `handle` the handle of the state whose Lua code calls (see `Tracker::jit_handle`), `name`
-/// valid for `len` bytes.
+/// As for [`cached_record`]; `name` valid for `len` bytes.
 unsafe extern "C" fn jit_prepare(
     handle: *const Handle,
     name: *const u8,
@@ -140,10 +146,7 @@ unsafe extern "C" fn jit_prepare(
 ) -> f64 {
     // SAFETY: forwarded contract.
     unsafe {
-        let Some(t) = (*handle).get().as_ref() else {
-            return 0.0; // (a dropped tracker)
-        };
-        let Some(ts) = cached_record(t) else {
+        let Some((t, ts)) = cached_record(handle) else {
             return 0.0;
         };
         if !t.gc_ticking.get() || t.tick_in_doubt.get() || name.is_null() {
@@ -165,10 +168,9 @@ unsafe extern "C" fn jit_prepare(
 unsafe extern "C" fn jit_activate(handle: *const Handle, token: f64) -> c_int {
     // SAFETY: forwarded contract.
     unsafe {
-        let Some(t) = (*handle).get().as_ref() else {
+        let Some((t, ts)) = cached_record(handle) else {
             return 0;
-        }; // (a dropped tracker)
-        let Some(ts) = cached_record(t) else { return 0 };
+        };
         match ts.pending.take() {
             Some(scope) if token_of(Rc::as_ptr(&scope)) == token => {
                 push_scope(t, ts, scope);
@@ -191,10 +193,9 @@ unsafe extern "C" fn jit_activate(handle: *const Handle, token: f64) -> c_int {
 unsafe extern "C" fn jit_close(handle: *const Handle, token: f64) -> c_int {
     // SAFETY: forwarded contract; the innermost scope is live (the record holds it).
     unsafe {
-        let Some(t) = (*handle).get().as_ref() else {
+        let Some((t, ts)) = cached_record(handle) else {
             return 0;
-        }; // (a dropped tracker)
-        let Some(ts) = cached_record(t) else { return 0 };
+        };
         let Some(top) = ts.stack.last() else { return 0 };
         let top = Rc::as_ptr(top);
         if token_of(top) != token || (*top).fails_overdrawn() {
